@@ -1,0 +1,3 @@
+from firezone.cli.main import main
+
+main()
