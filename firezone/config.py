@@ -76,7 +76,7 @@ class Key:
 KEYS: dict[str, Key] = {
     k.name: k
     for k in [
-        Key("portal", str, None, "portal URL used by admin, client, gateway and relay commands"),
+        Key("portal_url", str, None, "portal URL used by admin, client, gateway and relay commands (flag --portal)"),
         Key("log.format", str, "auto", "log output: auto (rich on a terminal, JSON lines otherwise), rich or json"),
         Key("portal.listen", str, "127.0.0.1:8080", "HOST:PORT the portal serves HTTP and WebSocket on"),
         Key("portal.data_dir", str, None, "directory holding the portal's SQLite database"),
@@ -90,6 +90,10 @@ KEYS: dict[str, Key] = {
         Key("portal.max_body_bytes", int, 1_048_576, "largest request body the REST API accepts"),
     ]
 }
+
+
+# ``portal`` is also the name of the [portal] table, so the URL lives under ``portal_url``.
+ALIASES = {"portal": "portal_url"}
 
 
 def register_key(key: Key) -> None:
@@ -106,6 +110,7 @@ class Config:
     files: list[Path] = field(default_factory=list)
 
     def get(self, name: str, default: Any = None) -> Any:
+        name = ALIASES.get(name, name)
         v = self.values.get(name)
         if v is None:
             key = KEYS.get(name)
@@ -117,9 +122,10 @@ class Config:
         return v
 
     def source(self, name: str) -> str:
-        return self.sources.get(name, "default")
+        return self.sources.get(ALIASES.get(name, name), "default")
 
     def set_flag(self, name: str, value: Any) -> None:
+        name = ALIASES.get(name, name)
         if value is None:
             return
         key = KEYS.get(name)

@@ -794,7 +794,8 @@ class Store:
             raise Unauthorized("token revoked")
         if row["expires_at"] is not None and row["expires_at"] <= t:
             raise Unauthorized("token expired")
-        if touch:
+        if touch and (row["last_used_at"] is None or t - row["last_used_at"] > 60_000):
+            # at most one write per minute per token: the API's hot path stays read-only
             self.db.execute("UPDATE tokens SET last_used_at = :t WHERE id = :id", {"t": t, "id": row["id"]})
         return TokenInfo(row["id"], row["type"], row["account_id"], row["actor_id"], row["site_id"],
                          row["provider_id"], row["expires_at"], row)
