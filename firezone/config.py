@@ -87,7 +87,16 @@ KEYS: dict[str, Key] = {
         Key("portal.smtp_user", str, None, "SMTP user name"),
         Key("portal.smtp_password", str, None, "SMTP password", secret=True),
         Key("portal.smtp_from", str, "fz <no-reply@localhost>", "sender address of sign-in mails"),
+        Key("portal.smtp_print", bool, False,
+            "write sign-in mails to the portal log instead of sending them (local use only)"),
+        Key("portal.email_code_ttl", int, 900, "seconds a mailed sign-in code stays valid"),
+        Key("portal.email_response_ms", int, 800,
+            "every email sign-in request takes at least this long, whether the address exists or not"),
         Key("portal.max_body_bytes", int, 1_048_576, "largest request body the REST API accepts"),
+        Key("portal.reevaluate_interval", int, 60,
+            "seconds between re-evaluations of time-window policy conditions for connected clients"),
+        Key("portal.authorization_timeout", int, 15,
+            "seconds a gateway has to acknowledge an authorization before the client hears 'offline'"),
     ]
 }
 

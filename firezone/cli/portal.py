@@ -112,7 +112,9 @@ def serve_cmd(app: AppContext, data_dir: Path | None, listen: str | None) -> Non
     except ValueError as e:
         raise CliError(f"--listen {e}", exit_code=2) from None
     try:
-        role.run_serve(d, host, port, max_body_bytes=app.config.get("portal.max_body_bytes"))
+        role.run_serve(d, host, port, max_body_bytes=app.config.get("portal.max_body_bytes"),
+                       reevaluate_interval=float(app.config.get("portal.reevaluate_interval")),
+                       authorization_timeout=float(app.config.get("portal.authorization_timeout")))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise CliError(f"cannot listen on {host}:{port}: address already in use") from None

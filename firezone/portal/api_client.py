@@ -13,8 +13,9 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator, Mapping
 from http.client import HTTPException
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ class ApiClient:
     def __init__(self, base_url: str, token: str | None, *, timeout: float = DEFAULT_TIMEOUT,
                  user_agent: str = "fz-admin") -> None:
         base = base_url.strip().rstrip("/")
-        if base.endswith(API_PREFIX):
-            base = base[: -len(API_PREFIX)]
+        base = base.removesuffix(API_PREFIX)
         self.base_url = base
         self.token = token
         self.timeout = timeout

@@ -532,7 +532,7 @@ class Store:
     _POLICY_SELECT = ("SELECT p.*, g.name AS group_name, r.name AS resource_name FROM policies p "
                       "JOIN groups g ON g.id = p.group_id JOIN resources r ON r.id = p.resource_id")
 
-    def _validated_conditions(self, conditions: Any) -> list[dict[str, Any]]:
+    def _validated_conditions(self, conditions: Any, account_id: str | None = None) -> list[dict[str, Any]]:
         if conditions is None:
             return []
         if not isinstance(conditions, list):
@@ -544,7 +544,20 @@ class Store:
             except resources.ValidationError as e:
                 field = e.field if e.field.startswith("conditions") else f"conditions[{i}].{e.field}"
                 raise Invalid(field, e.message) from None
+        if account_id is not None:
+            for i, c in enumerate(out):
+                if c["property"] == "provider_id":
+                    c["values"] = [self._provider_ref(account_id, v, f"conditions[{i}].values") for v in c["values"]]
         return out
+
+    def _provider_ref(self, account_id: str, ref: str, field: str) -> str:
+        """Provider conditions store ids; admins may name the provider instead."""
+        col = "id" if _is_uuid(ref) else "name"
+        row = self.db.fetchone(f"SELECT id FROM providers WHERE account_id = :a AND {col} = :r",
+                               {"a": account_id, "r": ref})
+        if row is None:
+            raise Invalid(field, f"no sign-in provider {ref!r} in this account")
+        return str(row["id"])
 
     def create_policy(self, account_id: str, *, group: str, resource: str, description: str | None = None,
                       conditions: Any = None, disabled: bool = False) -> Row:
@@ -554,7 +567,7 @@ class Store:
             raise Invalid("resource", "is required (a resource id or name)")
         g = self.group(account_id, str(group))
         r = self.resource(account_id, str(resource))
-        conds = self._validated_conditions(conditions)
+        conds = self._validated_conditions(conditions, account_id)
         if description is not None and (not isinstance(description, str) or len(description) > 1024):
             raise Invalid("description", "must be a string of at most 1024 characters")
         if not isinstance(disabled, bool):
@@ -599,7 +612,7 @@ class Store:
                 raise Invalid("description", "must be a string of at most 1024 characters")
             fields["description"] = d
         if "conditions" in data:
-            fields["conditions"] = json.dumps(self._validated_conditions(data["conditions"]))
+            fields["conditions"] = json.dumps(self._validated_conditions(data["conditions"], account_id))
         if "disabled" in data:
             if not isinstance(data["disabled"], bool):
                 raise Invalid("disabled", "must be true or false")
@@ -850,6 +863,116 @@ class Store:
     def touch_device(self, device_id: str, *, remote_ip: str | None = None) -> None:
         self.db.execute("UPDATE devices SET last_seen_at = :t, last_seen_remote_ip = COALESCE(:ip, last_seen_remote_ip) "
                         "WHERE id = :id", {"t": now_ms(), "ip": remote_ip, "id": device_id})
+
+    # -- providers: changes (sign-in) -----------------------------------------------------------
+
+    def create_provider(self, account_id: str, *, type: str, name: str, config: dict[str, Any]) -> Row:
+        if type not in ("email", "oidc"):
+            raise Invalid("type", "must be email or oidc")
+        name = _require_name("name", name)
+        pid = _new_id()
+        try:
+            self.db.execute("INSERT INTO providers (id, account_id, type, name, config, created_at) "
+                            "VALUES (:id, :a, :ty, :n, :c, :t)",
+                            {"id": pid, "a": account_id, "ty": type, "n": name, "c": json.dumps(config),
+                             "t": now_ms()})
+        except IntegrityError as e:
+            raise self._unique(e, "name", name, "provider") from None
+        row = self.provider(account_id, pid)
+        self._emit(Change(account_id, "provider", "created", pid, None))
+        return row
+
+    def update_provider(self, account_id: str, ref: str, *, config: dict[str, Any] | None = None,
+                        disabled: bool | None = None) -> Row:
+        row = self.provider(account_id, ref)
+        if config is not None:
+            self.db.execute("UPDATE providers SET config = :c WHERE id = :id",
+                            {"c": json.dumps(config), "id": row["id"]})
+        if disabled is not None:
+            self.db.execute("UPDATE providers SET disabled = :d WHERE id = :id",
+                            {"d": int(disabled), "id": row["id"]})
+        self._emit(Change(account_id, "provider", "updated", row["id"], None))
+        return self.provider(account_id, row["id"])
+
+    def delete_provider(self, account_id: str, ref: str) -> None:
+        row = self.provider(account_id, ref)
+        self.db.execute("DELETE FROM providers WHERE id = :id", {"id": row["id"]})
+        self._emit(Change(account_id, "provider", "deleted", row["id"], None))
+
+    # -- browser sessions and sign-ins in progress ----------------------------------------------
+
+    def create_web_session(self, account_id: str, *, actor_id: str, provider_id: str | None, secret_hash: str,
+                           expires_in: int, remote_ip: str | None = None, user_agent: str | None = None) -> Row:
+        sid = _new_id()
+        t = now_ms()
+        self.db.execute(
+            "INSERT INTO web_sessions (id, account_id, actor_id, provider_id, secret_hash, remote_ip, user_agent, "
+            "created_at, expires_at) VALUES (:id, :a, :u, :p, :h, :ip, :ua, :t, :e)",
+            {"id": sid, "a": account_id, "u": actor_id, "p": provider_id, "h": secret_hash, "ip": remote_ip,
+             "ua": (user_agent or "")[:255] or None, "t": t, "e": t + expires_in * 1000})
+        row = self.web_session(sid)
+        assert row is not None
+        return row
+
+    def web_session(self, sid: str) -> Row | None:
+        if not _is_uuid(sid):
+            return None
+        return self.db.fetchone("SELECT * FROM web_sessions WHERE id = :id", {"id": sid})
+
+    def revoke_web_session(self, sid: str) -> None:
+        self.db.execute("UPDATE web_sessions SET revoked_at = :t WHERE id = :id AND revoked_at IS NULL",
+                        {"t": now_ms(), "id": sid})
+
+    def create_sign_in_flow(self, account_id: str, *, provider_id: str, secret_hash: str, expires_in: float,
+                            data: dict[str, Any], email: str | None = None, code_hash: str | None = None) -> Row:
+        fid = _new_id()
+        t = now_ms()
+        with self.db.transaction():
+            # flows long past their end are only kept for the per-address mail limit
+            self.db.execute("DELETE FROM sign_in_flows WHERE expires_at < :old AND created_at < :old",
+                            {"old": t - 3600_000})
+            self.db.execute(
+                "INSERT INTO sign_in_flows (id, account_id, provider_id, secret_hash, email, code_hash, data, "
+                "created_at, expires_at) VALUES (:id, :a, :p, :h, :e, :c, :d, :t, :x)",
+                {"id": fid, "a": account_id, "p": provider_id, "h": secret_hash, "e": email, "c": code_hash,
+                 "d": json.dumps(data), "t": t, "x": t + int(expires_in * 1000)})
+        row = self.sign_in_flow(fid)
+        assert row is not None
+        return row
+
+    def sign_in_flow(self, fid: str) -> Row | None:
+        if not _is_uuid(fid):
+            return None
+        row = self.db.fetchone("SELECT * FROM sign_in_flows WHERE id = :id", {"id": fid})
+        if row is not None:
+            row["data"] = json.loads(row["data"])
+        return row
+
+    def count_email_flows(self, account_id: str, email: str, since_ms: int) -> int:
+        row = self.db.fetchone("SELECT COUNT(*) AS n FROM sign_in_flows WHERE account_id = :a AND email = :e "
+                               "AND created_at >= :s", {"a": account_id, "e": email, "s": since_ms})
+        return int(row["n"]) if row else 0
+
+    def end_email_flows(self, account_id: str, email: str) -> None:
+        """Expire every open code of an address (a new code replaces the older ones)."""
+        self.db.execute("UPDATE sign_in_flows SET expires_at = :t WHERE account_id = :a AND email = :e "
+                        "AND used_at IS NULL AND expires_at > :t", {"t": now_ms(), "a": account_id, "e": email})
+
+    def record_flow_attempt(self, fid: str) -> int:
+        """Count one more code attempt; returns the new count."""
+        self.db.execute("UPDATE sign_in_flows SET attempts = attempts + 1 WHERE id = :id", {"id": fid})
+        row = self.db.fetchone("SELECT attempts FROM sign_in_flows WHERE id = :id", {"id": fid})
+        return int(row["attempts"]) if row else 0
+
+    def use_flow(self, fid: str) -> bool:
+        """Mark a flow used; False when it already was (each flow completes at most once)."""
+        t = now_ms()
+        with self.db.transaction():
+            row = self.db.fetchone("SELECT used_at FROM sign_in_flows WHERE id = :id", {"id": fid})
+            if row is None or row["used_at"] is not None:
+                return False
+            self.db.execute("UPDATE sign_in_flows SET used_at = :t WHERE id = :id", {"t": t, "id": fid})
+        return True
 
 
 def _decode_resource(row: Row) -> Row:

@@ -92,10 +92,30 @@ def add_account(data_dir: Path, *, slug: str, account_name: str | None, admin_em
     return InitResult(account, admin, secret, db_path)
 
 
+def secret_key(data_dir: Path) -> bytes:
+    """The portal's own 32-byte secret (per-pair WireGuard PSKs derive from it), made once."""
+    path = data_dir / "secret_key"
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
 async def serve(data_dir: Path, host: str, port: int, *, max_body_bytes: int = 1_048_576,
-                ready: asyncio.Event | None = None) -> None:
+                reevaluate_interval: float = 60.0, authorization_timeout: float = 15.0, ready: asyncio.Event | None = None) -> None:
+    from firezone.portal.channels import Hub
+
     store = open_store(data_dir)
-    app = create_app(store, max_body_bytes=max_body_bytes)
+    hub = Hub(store, secret_key=secret_key(data_dir), reevaluate_interval=reevaluate_interval,
+              authorization_timeout=authorization_timeout)
+    app = create_app(store, max_body_bytes=max_body_bytes, hub=hub)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -19,8 +19,9 @@ property                      operators                              values
 (``auth_provider_id`` is accepted as a spelling of ``provider_id``.) An unknown remote IP or
 provider fails closed, for both the positive and the negative operator.
 
-Time windows: ``D`` is one of ``M T W R F S U`` (Monday..Sunday); ``ranges`` is ``true`` (the
-whole day) or comma-separated ``HH[:MM[:SS]]-HH[:MM[:SS]]``; ``24:00`` is allowed as an end. A
+Time windows: ``D`` is one of ``M T W R F S U`` (Monday..Sunday) — a day set such as ``MTWRF``,
+``M-F``, ``Mon-Fri`` or ``M,W,F`` is accepted too and normalized to one value per day; ``ranges``
+is ``true`` (the whole day) or comma-separated ``HH[:MM[:SS]]-HH[:MM[:SS]]``; ``24:00`` is allowed as an end. A
 range is half-open, ``[start, end)``, on the *wall clock* of the time zone: the condition holds
 at instant ``t`` when ``t`` shown in that zone falls in a range of that weekday. Several values OR
 together (they may use different zones). Windows that touch, also across midnight and from Sunday
@@ -52,20 +53,20 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from firezone.portal.domain.resources import ValidationError
 
 __all__ = [
-    "ConditionResult",
-    "Decision",
-    "EvalContext",
     "OPERATORS",
-    "PolicyInput",
-    "PolicyResult",
     "REASON_ALLOWED",
     "REASON_DISABLED",
     "REASON_NO_POLICY",
     "REASON_VIOLATED",
+    "ConditionResult",
+    "Decision",
+    "EvalContext",
+    "PolicyInput",
+    "PolicyResult",
+    "conditions_summary",
     "evaluate",
     "evaluate_policy",
     "explain_lines",
-    "conditions_summary",
     "parse_condition_cli",
     "validate_condition",
     "validate_conditions",
@@ -80,6 +81,7 @@ OPERATORS: dict[str, tuple[str, ...]] = {
 _PROPERTY_ALIASES = {"auth_provider_id": "provider_id"}
 
 DAYS = "MTWRFSU"  # index = datetime.weekday()
+_WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DAY_SECONDS = 86_400
 WEEK_SECONDS = 7 * DAY_SECONDS
 # 1970-01-01 was a Thursday (weekday 3): shifts epoch seconds to "seconds since a Monday 00:00".
@@ -205,9 +207,43 @@ class _DayWindow:
     tz: str
 
 
-def _parse_time_value(value: object) -> _DayWindow:
+_DAY_NAMES = {
+    **{name[:3]: i for i, name in enumerate(_WEEKDAY_NAMES)},
+    **{name: i for i, name in enumerate(_WEEKDAY_NAMES)},
+}
+
+
+def _parse_day(token: str, spec: str) -> int:
+    t = token.strip()
+    if len(t) == 1 and t.upper() in DAYS:
+        return DAYS.index(t.upper())
+    if t.lower() in _DAY_NAMES:
+        return _DAY_NAMES[t.lower()]
+    raise ValueError(
+        f"day {spec.strip()!r} must be one of M T W R F S U (Monday..Sunday), a run like MTWRF, "
+        "a range like M-F or Mon-Fri, or a comma list like M,W,F"
+    )
+
+
+def _parse_days(spec: str) -> list[int]:
+    """Parse a day spec: ``M``, ``MTWRF``, ``M-F``, ``Mon-Fri``, ``M,W,F`` -> sorted weekdays."""
+    days: set[int] = set()
+    for raw in spec.split(","):
+        part = raw.strip()
+        if "-" in part:
+            a, _, b = part.partition("-")
+            lo, hi = _parse_day(a, spec), _parse_day(b, spec)
+            days.update(range(lo, hi + 1) if lo <= hi else [*range(lo, 7), *range(hi + 1)])
+        elif len(part) > 1 and all(ch.upper() in DAYS for ch in part):
+            days.update(DAYS.index(ch.upper()) for ch in part)
+        else:
+            days.add(_parse_day(part, spec))
+    return sorted(days)
+
+
+def _parse_time_value(value: object) -> list[_DayWindow]:
     if not isinstance(value, str):
-        raise ValueError("must be a string '<D>/<ranges>/<IANA time zone>'")
+        raise ValueError("must be a string '<D>/<ranges>/<IANA time zone>'")  # noqa: TRY004 - user input
     parts = value.strip().split("/", 2)
     if len(parts) != 3:
         raise ValueError(
@@ -215,8 +251,7 @@ def _parse_time_value(value: object) -> _DayWindow:
             "'M/09:00-17:00/Europe/Berlin'"
         )
     day_text, ranges_text, tz = (p.strip() for p in parts)
-    if len(day_text) != 1 or day_text.upper() not in DAYS:
-        raise ValueError(f"day {day_text!r} must be one of M T W R F S U (Monday..Sunday)")
+    days = _parse_days(day_text)
     if not tz:
         raise ValueError(f"{value!r} has no time zone")
     _zone(tz)
@@ -238,7 +273,8 @@ def _parse_time_value(value: object) -> _DayWindow:
                     "that crosses midnight across two days"
                 )
             ranges.append((start, end))
-    return _DayWindow(DAYS.index(day_text.upper()), tuple(_merge(ranges)), tz)
+    merged = tuple(_merge(ranges))
+    return [_DayWindow(day, merged, tz) for day in days]
 
 
 def _format_time_value(w: _DayWindow) -> str:
@@ -283,7 +319,8 @@ def validate_condition(c: object, index: int | None = None) -> dict[str, Any]:
     op = c.get("operator")
     if op not in OPERATORS[prop]:
         raise _err(
-            prefix, "operator",
+            prefix,
+            "operator",
             f"{prop} takes operator {' or '.join(OPERATORS[prop])}, not {op!r}",
         )
     values = c.get("values")
@@ -310,9 +347,14 @@ def validate_condition(c: object, index: int | None = None) -> dict[str, Any]:
                 raise _err(prefix, here, f'must be "true", not {v!r}')
         else:
             try:
-                norm = _format_time_value(_parse_time_value(v))
+                windows = _parse_time_value(v)
             except ValueError as e:
                 raise _err(prefix, here, str(e)) from None
+            for w in windows:
+                text = _format_time_value(w)
+                if text not in out:
+                    out.append(text)
+            continue
         if norm not in out:
             out.append(norm)
     return {"property": prop, "operator": op, "values": out}
@@ -342,42 +384,27 @@ _CLI_PROPERTIES = {
     "verified": "client_verified",
 }
 _CLI_OPERATORS = {
-    "remote_ip": {"in": "is_in_cidr", "is_in": "is_in_cidr", "is_in_cidr": "is_in_cidr",
-                  "not_in": "is_not_in_cidr", "is_not_in": "is_not_in_cidr",
-                  "is_not_in_cidr": "is_not_in_cidr"},
-    "provider_id": {"in": "is_in", "is_in": "is_in", "not_in": "is_not_in",
-                    "is_not_in": "is_not_in"},
-    "current_utc_datetime": {"in": "is_in_day_of_week_time_ranges",
-                             "is_in": "is_in_day_of_week_time_ranges",
-                             "is_in_day_of_week_time_ranges": "is_in_day_of_week_time_ranges"},
+    "remote_ip": {
+        "in": "is_in_cidr",
+        "is_in": "is_in_cidr",
+        "is_in_cidr": "is_in_cidr",
+        "not_in": "is_not_in_cidr",
+        "is_not_in": "is_not_in_cidr",
+        "is_not_in_cidr": "is_not_in_cidr",
+    },
+    "provider_id": {
+        "in": "is_in",
+        "is_in": "is_in",
+        "not_in": "is_not_in",
+        "is_not_in": "is_not_in",
+    },
+    "current_utc_datetime": {
+        "in": "is_in_day_of_week_time_ranges",
+        "is_in": "is_in_day_of_week_time_ranges",
+        "is_in_day_of_week_time_ranges": "is_in_day_of_week_time_ranges",
+    },
     "client_verified": {"is": "is"},
 }
-_DAY_NAMES = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
-
-
-def _cli_day(token: str) -> int:
-    t = token.strip()
-    if len(t) == 1 and t.upper() in DAYS:
-        return DAYS.index(t.upper())
-    if t.lower()[:3] in _DAY_NAMES and len(t) >= 3:
-        return _DAY_NAMES[t.lower()[:3]]
-    raise ValidationError("condition", f"unknown day {token!r}; use M T W R F S U or Mon..Sun")
-
-
-def _cli_days(spec: str) -> list[int]:
-    days: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, _, b = part.partition("-")
-            lo, hi = _cli_day(a), _cli_day(b)
-            span = range(lo, hi + 1) if lo <= hi else [*range(lo, 7), *range(0, hi + 1)]
-            days.extend(span)
-        elif len(part) > 1 and all(ch.upper() in DAYS for ch in part):
-            days.extend(DAYS.index(ch.upper()) for ch in part)
-        else:
-            days.append(_cli_day(part))
-    return sorted(set(days))
 
 
 def parse_condition_cli(text: str) -> dict[str, Any]:
@@ -410,7 +437,9 @@ def parse_condition_cli(text: str) -> dict[str, Any]:
     rest = tokens[1:]
     if prop == "client_verified":
         if rest and [t.lower() for t in rest] not in (["is", "true"], ["true"]):
-            raise ValidationError("condition", "write 'client_verified' or 'client_verified is true'")
+            raise ValidationError(
+                "condition", "write 'client_verified' or 'client_verified is true'"
+            )
         return validate_condition({"property": prop, "operator": "is", "values": ["true"]})
     if not rest:
         raise ValidationError("condition", f"{tokens[0]} needs an operator and values")
@@ -437,7 +466,11 @@ def parse_condition_cli(text: str) -> dict[str, Any]:
                 raise ValidationError(
                     "condition", f"{entry!r} must look like M-F/09:00-17:00/Europe/Berlin"
                 )
-            values.extend(f"{DAYS[d]}/{remainder}" for d in _cli_days(day_spec))
+            try:
+                days = _parse_days(day_spec)
+            except ValueError as e:
+                raise ValidationError("condition", str(e)) from None
+            values.extend(f"{DAYS[d]}/{remainder}" for d in days)
     else:
         values = [v for v in re.split(r"[,\s]+", value_text.strip()) if v]
     return validate_condition({"property": prop, "operator": op, "values": values})
@@ -454,7 +487,7 @@ class _ZoneOffsets:
     within one day (none in the current tz database) would be missed.
     """
 
-    __slots__ = ("zi", "_years")
+    __slots__ = ("_years", "zi")
 
     def __init__(self, zi: ZoneInfo) -> None:
         self.zi = zi
@@ -538,7 +571,7 @@ _HORIZON_SECONDS = 400 * DAY_SECONDS
 class _WeeklyWindow:
     """The merged weekly wall-clock window of one time zone, in seconds since Monday 00:00."""
 
-    __slots__ = ("offsets", "starts", "ends", "always", "wrap_len")
+    __slots__ = ("always", "ends", "offsets", "starts", "wrap_len")
 
     def __init__(self, tz: str, days: Iterable[_DayWindow]) -> None:
         self.offsets = _zone_offsets(tz)
@@ -587,9 +620,9 @@ class _WeeklyWindow:
 class _Compiled:
     """A parsed condition; ``check`` returns (ok, expiry instant or None, reason)."""
 
-    __slots__ = ("prop", "op", "error", "nets", "ids", "windows")
+    __slots__ = ("error", "ids", "nets", "op", "prop", "windows")
 
-    def __init__(self, prop: str, op: str, values: tuple[Any, ...]) -> None:
+    def __init__(self, prop: str, op: str, values: Any) -> None:
         self.prop = prop
         self.op = op
         self.error: str | None = None
@@ -597,7 +630,9 @@ class _Compiled:
         self.ids: frozenset[str] = frozenset()
         self.windows: tuple[_WeeklyWindow, ...] = ()
         try:
-            norm = validate_condition({"property": prop, "operator": op, "values": list(values)})
+            if isinstance(values, tuple):
+                values = list(values)
+            norm = validate_condition({"property": prop, "operator": op, "values": values})
         except ValidationError as e:
             self.error = f"invalid condition ({e.message})"
             return
@@ -611,15 +646,17 @@ class _Compiled:
                     (int(net.network_address), int(net.broadcast_address) + 1)
                 )
             v4, v6 = _merge(per_version[4]), _merge(per_version[6])
-            self.nets = (([s for s, _ in v4], [e for _, e in v4]),
-                         ([s for s, _ in v6], [e for _, e in v6]))
+            self.nets = (
+                ([s for s, _ in v4], [e for _, e in v4]),
+                ([s for s, _ in v6], [e for _, e in v6]),
+            )
         elif self.prop == "provider_id":
             self.ids = frozenset(vals)
         elif self.prop == "current_utc_datetime":
             by_tz: dict[str, list[_DayWindow]] = {}
             for v in vals:
-                w = _parse_time_value(v)
-                by_tz.setdefault(w.tz, []).append(w)
+                for w in _parse_time_value(v):
+                    by_tz.setdefault(w.tz, []).append(w)
             self.windows = tuple(_WeeklyWindow(tz, ws) for tz, ws in by_tz.items())
 
     def check(self, ctx: _Ctx) -> tuple[bool, int | None, str]:
@@ -684,19 +721,20 @@ _COMPILED_CACHE_MAX = 100_000
 def _compile(c: Mapping[str, Any]) -> _Compiled:
     values = c.get("values")
     try:
-        key = (c.get("property"), c.get("operator"),
-               tuple(values) if isinstance(values, list | tuple) else (values,))
+        key = (
+            c.get("property"),
+            c.get("operator"),
+            tuple(values) if isinstance(values, list | tuple) else (values,),
+        )
         hash(key)
     except TypeError:
-        return _Compiled(str(c.get("property")), str(c.get("operator")), ("<unhashable>",))
+        # Not cacheable, and never valid: compile it uncached so it fails closed.
+        return _Compiled(str(c.get("property")), str(c.get("operator")), values)
     compiled = _compiled_cache.get(key)
     if compiled is None:
         if len(_compiled_cache) >= _COMPILED_CACHE_MAX:
             _compiled_cache.clear()
-        compiled = _compiled_cache[key] = _Compiled(
-            str(key[0]), str(key[1]),
-            key[2] if isinstance(values, list | tuple) else (),
-        )
+        compiled = _compiled_cache[key] = _Compiled(str(key[0]), str(key[1]), values)
     return compiled
 
 
@@ -734,8 +772,9 @@ def _prepare(ctx: EvalContext) -> _Ctx:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
     token_exp = ctx.token_expires_at.astimezone(UTC) if ctx.token_expires_at else None
-    return _Ctx(now_ts, max(limit, now_ts), ip, ctx.provider_id, bool(ctx.client_verified),
-                token_exp)
+    return _Ctx(
+        now_ts, max(limit, now_ts), ip, ctx.provider_id, bool(ctx.client_verified), token_exp
+    )
 
 
 def _to_dt(ts: int) -> datetime:
@@ -747,7 +786,7 @@ def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
         return b
     if b is None:
         return a
-    return a if a <= b else b
+    return min(a, b)
 
 
 def _evaluate_policy(policy: PolicyInput, c: _Ctx) -> PolicyResult:
@@ -766,8 +805,9 @@ def _evaluate_policy(policy: PolicyInput, c: _Ctx) -> PolicyResult:
         if ok:
             if exp is not None:
                 cond_exp = exp if cond_exp is None else min(cond_exp, exp)
-            results.append(ConditionResult(i, prop, op, True,
-                                           _to_dt(exp) if exp is not None else None, reason))
+            results.append(
+                ConditionResult(i, prop, op, True, _to_dt(exp) if exp is not None else None, reason)
+            )
         else:
             if prop not in violated:
                 violated.append(prop)
@@ -792,15 +832,16 @@ def evaluate(policies: Iterable[PolicyInput], ctx: EvalContext) -> Decision:
     for r in results:
         if not r.allowed:
             continue
-        if best is None:
-            best = r
-        elif best.expires_at is not None and (
-            r.expires_at is None or r.expires_at > best.expires_at
+        if (
+            best is None
+            or best.expires_at is not None
+            and (r.expires_at is None or r.expires_at > best.expires_at)
         ):
             best = r
     if best is not None:
-        return Decision(True, best.policy_id, best.expires_at, (), per_policy,
-                        REASON_ALLOWED, results)
+        return Decision(
+            True, best.policy_id, best.expires_at, (), per_policy, REASON_ALLOWED, results
+        )
     if not results:
         return Decision(False, None, None, (), (), REASON_NO_POLICY, ())
     violated: list[str] = []

@@ -86,30 +86,29 @@ def _check_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> No
             "address",
             f"{shown} is a full tunnel; use the internet resource to route all traffic",
         )
-    if net.version == 4:
-        reserved, loopback = RESERVED_V4, LOOPBACK_V4
-        unspecified = ipaddress.IPv4Address("0.0.0.0")
-        reserved_text = "100.64.0.0/10"
-    else:
-        reserved, loopback = RESERVED_V6, LOOPBACK_V6
-        unspecified = ipaddress.IPv6Address("::")
-        reserved_text = "fd00:2021:1111::/48"
-    if net.overlaps(loopback):  # type: ignore[arg-type]
-        raise ValidationError("address", f"{shown} includes loopback addresses ({loopback})")
-    if net.overlaps(reserved):  # type: ignore[arg-type]
+    if isinstance(net, ipaddress.IPv4Network):
+        if net.overlaps(LOOPBACK_V4):
+            raise ValidationError("address", f"{shown} includes loopback addresses ({LOOPBACK_V4})")
+        if net.overlaps(RESERVED_V4):
+            raise ValidationError(
+                "address", f"{shown} overlaps the reserved tunnel range {RESERVED_V4}"
+            )
+        if net == ipaddress.IPv4Network("0.0.0.0/32"):
+            raise ValidationError("address", "0.0.0.0 is the unspecified address")
+        return
+    if net.overlaps(LOOPBACK_V6):
+        raise ValidationError("address", f"{shown} includes loopback addresses ({LOOPBACK_V6})")
+    if net.overlaps(RESERVED_V6):
         raise ValidationError(
-            "address", f"{shown} overlaps the reserved tunnel range {reserved_text}"
+            "address", f"{shown} overlaps the reserved tunnel range {RESERVED_V6}"
         )
-    if net.network_address == unspecified and net.prefixlen == net.max_prefixlen:
-        raise ValidationError("address", f"{unspecified} is the unspecified address")
-    if net.version == 6:
-        mapped = net.network_address.ipv4_mapped  # type: ignore[union-attr]
-        if mapped is not None and net.prefixlen >= 96:
-            v4 = ipaddress.IPv4Network((mapped, net.prefixlen - 96), strict=False)
-            if v4.overlaps(LOOPBACK_V4) or v4.overlaps(RESERVED_V4):
-                raise ValidationError(
-                    "address", f"{shown} maps to {v4}, which is loopback or reserved"
-                )
+    if net == ipaddress.IPv6Network("::/128"):
+        raise ValidationError("address", ":: is the unspecified address")
+    mapped = net.network_address.ipv4_mapped
+    if mapped is not None and net.prefixlen >= 96:
+        v4 = ipaddress.IPv4Network((mapped, net.prefixlen - 96), strict=False)
+        if v4.overlaps(LOOPBACK_V4) or v4.overlaps(RESERVED_V4):
+            raise ValidationError("address", f"{shown} maps to {v4}, which is loopback or reserved")
 
 
 def _reject_port_or_zone(text: str) -> None:
@@ -131,15 +130,11 @@ def _validate_ip(text: str) -> str:
         if not plen.isdigit() or int(plen) > addr.max_prefixlen:
             raise ValidationError("address", f"{text!r} has an invalid prefix length")
         if int(plen) != addr.max_prefixlen:
-            raise ValidationError(
-                "address", f"{text!r} is a network; use a resource of type cidr"
-            )
+            raise ValidationError("address", f"{text!r} is a network; use a resource of type cidr")
     try:
         addr = ipaddress.ip_address(bare)
     except ValueError:
-        raise ValidationError(
-            "address", f"{text!r} is not a single IPv4 or IPv6 address"
-        ) from None
+        raise ValidationError("address", f"{text!r} is not a single IPv4 or IPv6 address") from None
     _check_network(ipaddress.ip_network(addr))
     return str(addr)
 
@@ -218,7 +213,9 @@ def normalize_filters(filters: object, field: str = "filters") -> list[dict[str,
             raise ValidationError(here, f"unknown key(s): {', '.join(sorted(unknown))}")
         proto = item.get("protocol")
         if not isinstance(proto, str) or proto.lower() not in PROTOCOLS:
-            raise ValidationError(f"{here}.protocol", f"must be one of tcp, udp, icmp, not {proto!r}")
+            raise ValidationError(
+                f"{here}.protocol", f"must be one of tcp, udp, icmp, not {proto!r}"
+            )
         proto = proto.lower()
         ports = item.get("ports") or []
         if isinstance(ports, str | int):
@@ -230,9 +227,7 @@ def normalize_filters(filters: object, field: str = "filters") -> list[dict[str,
                 raise ValidationError(f"{here}.ports", "icmp has no ports")
             by_proto["icmp"] = None
             continue
-        ranges = [
-            _parse_port_range(p, f"{here}.ports[{j}]") for j, p in enumerate(ports)
-        ]
+        ranges = [_parse_port_range(p, f"{here}.ports[{j}]") for j, p in enumerate(ports)]
         if not ranges:
             by_proto[proto] = None
         elif proto not in by_proto:
@@ -247,7 +242,8 @@ def normalize_filters(filters: object, field: str = "filters") -> list[dict[str,
             continue
         ranges_or_all = by_proto[proto]
         ports_out = (
-            [] if ranges_or_all is None
+            []
+            if ranges_or_all is None
             else [_format_range(lo, hi) for lo, hi in _merge_ranges(ranges_or_all)]
         )
         out.append({"protocol": proto, "ports": ports_out})
@@ -322,7 +318,7 @@ def _validate_text(value: object, field: str, *, required: bool, limit: int) -> 
 
 def validate_resource(
     *,
-    type: str | None,  # noqa: A002 - the field is called type everywhere else
+    type: str | None,
     address: str | None,
     name: str,
     address_description: str | None = None,

@@ -530,3 +530,40 @@ async def list_audit(c: Ctx) -> Any:
     p = c.store.decisions(c.account_id, result=c.q("result"), user=c.q("user"), resource=c.q("resource"),
                           limit=c.limit, cursor=c.cursor)
     return page(p, decision_view)
+
+
+# -- presence ---------------------------------------------------------------------------------
+
+
+def _online(c: Ctx) -> set[str]:
+    from firezone.portal.channels import HUB
+
+    hub = c.request.app.get(HUB)
+    return hub.online_devices() if hub is not None else set()
+
+
+def device_view(row: dict[str, Any], online: set[str]) -> dict[str, Any]:
+    return {"id": row["id"], "type": row["type"], "name": row["name"], "external_id": row["external_id"],
+            "actor_id": row["actor_id"], "site_id": row["site_id"], "public_key": row["public_key"],
+            "ipv4": row["ipv4"], "ipv6": row["ipv6"], "online": row["id"] in online,
+            "last_seen_at": iso(row["last_seen_at"]), "last_seen_remote_ip": row["last_seen_remote_ip"],
+            "version": row["last_seen_version"], "created_at": iso(row["created_at"])}
+
+
+@route("GET", "/devices", "List clients and gateways, with presence", tag="devices", response="Device", list_=True,
+       query=(("type", "client or gateway"),))
+async def list_devices(c: Ctx) -> Any:
+    kind = c.q("type")
+    if kind not in (None, "client", "gateway"):
+        raise Invalid("type", "must be client or gateway")
+    online = _online(c)
+    return page(c.store.devices(c.account_id, type=kind, limit=c.limit, cursor=c.cursor),
+                lambda r: device_view(r, online))
+
+
+@route("GET", "/relays", "Relays connected to the portal now", tag="devices", response="Relay", list_=True)
+async def list_relays(c: Ctx) -> Any:
+    from firezone.portal.channels import HUB
+
+    hub = c.request.app.get(HUB)
+    return {"data": hub.relay_list() if hub is not None else [], "next_cursor": None}

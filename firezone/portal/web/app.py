@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,6 +14,9 @@ from firezone import __version__
 from firezone.portal.errors import Forbidden, PortalError, Unauthorized
 from firezone.portal.store import Store
 from firezone.portal.web import api
+
+if TYPE_CHECKING:
+    from firezone.portal.channels import Hub
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,17 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         "resource": {"type": ["object", "null"]}, "gateway_id": {"type": ["string", "null"]},
         "policy_id": {"type": ["string", "null"]}, "violated_properties": {"type": "array", "items": {"type": "string"}},
         "remote_ip": {"type": ["string", "null"]}}},
+    "Device": {"type": "object", "properties": {
+        "id": {"type": "string"}, "type": {"type": "string", "enum": ["client", "gateway"]},
+        "name": {"type": "string"}, "external_id": {"type": "string"}, "actor_id": {"type": ["string", "null"]},
+        "site_id": {"type": ["string", "null"]}, "public_key": {"type": ["string", "null"]},
+        "ipv4": {"type": "string"}, "ipv6": {"type": "string"}, "online": {"type": "boolean"},
+        "last_seen_at": {"type": ["string", "null"]}, "last_seen_remote_ip": {"type": ["string", "null"]},
+        "version": {"type": ["string", "null"]}, "created_at": {"type": "string"}}},
+    "Relay": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"}, "ipv4": {"type": ["string", "null"]},
+        "ipv6": {"type": ["string", "null"]}, "port": {"type": "integer"}, "remote_ip": {"type": ["string", "null"]},
+        "version": {"type": ["string", "null"]}, "online_since": {"type": "string"}}},
     "Ref": {"type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
                                              "email": {"type": "string"}}},
     "Problem": {"type": "object", "required": ["title", "status", "detail"], "properties": {
@@ -221,11 +235,16 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def create_app(store: Store, *, max_body_bytes: int = 1_048_576) -> web.Application:
+def create_app(store: Store, *, max_body_bytes: int = 1_048_576, hub: "Hub | None" = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[STORE] = store
-    app[METRICS] = PortalMetrics()
+    app[METRICS] = metrics = PortalMetrics()
     app[MAX_BODY] = max_body_bytes
+    if hub is not None:
+        from firezone.portal import channels
+
+        hub._on_session_count = lambda kind, n: metrics.sessions.labels(kind).set(n)
+        channels.install(app, hub)
     for r in api.ROUTES:
         app.router.add_route(r.method, api.API + r.path, _wrap(r))
     app.router.add_get("/healthz", healthz)
