@@ -182,8 +182,11 @@ def load(path: Path | None = None, env: dict[str, str] | None = None,
     if path is not None and not path.exists():
         raise ConfigError(f"{path}: no such config file")
     for f in files:
-        if not f.exists():
-            continue
+        try:
+            if not f.is_file():
+                continue
+        except OSError as e:
+            raise ConfigError(f"{f}: cannot read: {e.strerror}") from None
         cfg.files.append(f)
         for name, value in _read_file(f).items():
             key = KEYS.get(name)

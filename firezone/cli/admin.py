@@ -156,9 +156,6 @@ def _client(app: AppContext) -> ApiClient:
     from firezone.portal.api_client import ApiClient
 
     url = app.config.get("portal")
-    legacy = os.environ.get("FIREZONE_PORTAL")
-    if legacy and not app.config.source("portal").startswith(("flag", "env")):
-        url = legacy  # the environment still beats a config file under its short name
     token = os.environ.get("FIREZONE_TOKEN") or None
     if url is None or token is None:
         from firezone import credentials
@@ -1052,3 +1049,65 @@ def audit_list(app: AppContext, result: str | None, user_ref: str | None, resour
     params = {"result": result, "user": user_ref, "resource": resource_ref}
     items = list(_client(app).iterate("/audit", params, limit=limit))
     _list(app, items, _decision_row, ["at", "result", "user", "resource", "reason", "violated", "remote ip"])
+
+
+# ---------------------------------------------------------------------------------------------
+# fz device / fz gateway: who is online
+
+DEVICE_COLUMNS = ["name", "type", "online", "ipv4", "last_seen_at", "last_seen_remote_ip", "version", "id"]
+
+
+def _device_row(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d.get(k) for k in DEVICE_COLUMNS}
+
+
+def _list_devices(app: AppContext, kind: str | None, online_only: bool, limit: int | None) -> None:
+    items = list(_client(app).iterate("/devices", {"type": kind}, limit=limit))
+    if online_only:
+        items = [d for d in items if d.get("online")]
+    _list(app, items, _device_row, DEVICE_COLUMNS)
+
+
+@click.group(cls=_AdminGroup)
+def device() -> None:
+    """Clients and gateways known to the portal, and who is online."""
+
+
+@device.command("list")
+@click.option("--type", "kind", type=click.Choice(["client", "gateway"]), help="Only clients or only gateways.")
+@click.option("--online", "online_only", is_flag=True, help="Only devices connected right now.")
+@limit_option()
+@json_option
+@click.pass_obj
+def device_list(app: AppContext, kind: str | None, online_only: bool, limit: int | None) -> None:
+    """List devices with their tunnel address, last seen time, remote address and version."""
+    _list_devices(app, kind, online_only, limit)
+
+
+@click.group(cls=_AdminGroup)
+def gateway() -> None:
+    """Gateways: the processes next to private resources."""
+
+
+@gateway.command("list")
+@click.option("--online", "online_only", is_flag=True, help="Only gateways connected right now.")
+@limit_option()
+@json_option
+@click.pass_obj
+def gateway_list(app: AppContext, online_only: bool, limit: int | None) -> None:
+    """List gateways with presence, last seen time, remote address and version."""
+    _list_devices(app, "gateway", online_only, limit)
+
+
+RELAY_COLUMNS = ["name", "ipv4", "ipv6", "port", "remote_ip", "version", "online_since", "id"]
+
+
+def list_relays(app: AppContext) -> None:
+    """Relays connected to the portal now (used by `fz relay list`)."""
+    from firezone.portal.api_client import ApiError
+
+    try:
+        items = _data(_client(app).get("/relays"))
+    except ApiError as e:
+        raise _api_error(e) from None
+    _list(app, items, lambda r: {k: r.get(k) for k in RELAY_COLUMNS}, RELAY_COLUMNS)

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from firezone.portal import tokens
 from firezone.portal.db.api import Database, IntegrityError, Row
@@ -833,8 +833,8 @@ class Store:
                     {"n": name, "pk": public_key, "u": actor_id, "s": site_id, "t": t, "ip": remote_ip,
                      "v": version, "id": row["id"]})
                 return self.device(account_id, row["id"])
-            used4 = {r["ipv4"] for r in self.db.fetchall("SELECT ipv4 FROM devices WHERE account_id = :a", {"a": account_id})}
-            used6 = {r["ipv6"] for r in self.db.fetchall("SELECT ipv6 FROM devices WHERE account_id = :a", {"a": account_id})}
+            used4 = _TakenAddresses(self.db, account_id, "ipv4")
+            used6 = _TakenAddresses(self.db, account_id, "ipv6")
             did = _new_id()
             self.db.execute(
                 "INSERT INTO devices (id, account_id, type, external_id, name, actor_id, site_id, public_key, ipv4, "
@@ -973,6 +973,25 @@ class Store:
                 return False
             self.db.execute("UPDATE sign_in_flows SET used_at = :t WHERE id = :id", {"t": t, "id": fid})
         return True
+
+
+class _TakenAddresses:
+    """The account's tunnel addresses as a collection backed by the unique index (no full scan)."""
+
+    def __init__(self, db: Database, account_id: str, column: str) -> None:
+        self.db, self.account_id, self.column = db, account_id, column
+
+    def __contains__(self, address: object) -> bool:
+        return self.db.fetchone(f"SELECT 1 AS x FROM devices WHERE account_id = :a AND {self.column} = :ip",
+                                {"a": self.account_id, "ip": address}) is not None
+
+    def __len__(self) -> int:
+        row = self.db.fetchone("SELECT COUNT(*) AS n FROM devices WHERE account_id = :a", {"a": self.account_id})
+        return int(row["n"]) if row else 0
+
+    def __iter__(self) -> Iterator[str]:
+        rows = self.db.fetchall(f"SELECT {self.column} AS ip FROM devices WHERE account_id = :a", {"a": self.account_id})
+        return iter(str(r["ip"]) for r in rows)
 
 
 def _decode_resource(row: Row) -> Row:

@@ -19,21 +19,24 @@ property                      operators                              values
 (``auth_provider_id`` is accepted as a spelling of ``provider_id``.) An unknown remote IP or
 provider fails closed, for both the positive and the negative operator.
 
-Time windows: ``D`` is one of ``M T W R F S U`` (Monday..Sunday) — a day set such as ``MTWRF``,
-``M-F``, ``Mon-Fri`` or ``M,W,F`` is accepted too and normalized to one value per day; ``ranges``
-is ``true`` (the whole day) or comma-separated ``HH[:MM[:SS]]-HH[:MM[:SS]]``; ``24:00`` is allowed as an end. A
-range is half-open, ``[start, end)``, on the *wall clock* of the time zone: the condition holds
-at instant ``t`` when ``t`` shown in that zone falls in a range of that weekday. Several values OR
-together (they may use different zones). Windows that touch, also across midnight and from Sunday
-into Monday, form one window. DST follows from the wall-clock rule: on a spring-forward day the
-skipped hour matches nothing (01:00-03:00 Europe/Berlin lasts one real hour), on a fall-back day
-the repeated hour matches twice (01:00-03:00 lasts three real hours, and 01:00-02:30 holds,
-stops at the first 02:30, and holds again after the clocks go back).
+Time windows: ``D`` is one of ``M T W R F S U`` (Monday..Sunday) — a day set such as
+``MTWRF``, ``M-F``, ``Mon-Fri`` or ``M,W,F`` is accepted too and normalized to one value per
+day; ``ranges`` is ``true`` (the whole day) or comma-separated ``HH[:MM[:SS]]-HH[:MM[:SS]]``;
+``24:00`` is allowed as an end. A range is half-open, ``[start, end)``, on the *wall clock* of
+the time zone: the condition holds at instant ``t`` when ``t`` shown in that zone falls in a
+range of that weekday. Several values OR together (they may use different zones). Windows that
+touch, also across midnight and from Sunday into Monday, form one window. DST follows from the
+wall-clock rule: on a spring-forward day the skipped hour matches nothing (01:00-03:00
+Europe/Berlin lasts one real hour), on a fall-back day the repeated hour matches twice
+(01:00-03:00 lasts three real hours, and 01:00-02:30 holds, stops at the first 02:30, and holds
+again after the clocks go back).
 
 An allowing policy expires at the first instant its time conditions stop holding ("the end of
-the window", exact to the second across DST changes) or at the token expiry, whichever comes
-first. Among several allowing policies the longest-lived one is chosen (no expiry beats any
-expiry; ties go to the earlier policy).
+the window", exact to the second across DST changes; ``now`` is floored to whole seconds) or at
+the token expiry, whichever comes first. The window end is searched at most 400 days ahead
+(a weekly window ends within eight days or never); one that never ends gives no expiry. Among several allowing
+policies the longest-lived one is chosen (no expiry beats any expiry; ties go to the earlier
+policy).
 
 Compiled conditions (parsed networks, zones, weekly windows) are cached by their
 ``(property, operator, values)`` so evaluating a decision does no parsing.
@@ -165,10 +168,12 @@ class Decision:
 
 
 def _err(prefix: str, name: str, message: str) -> ValidationError:
-    return ValidationError(f"{prefix}.{name}" if name else prefix, message)
+    if not name:
+        return ValidationError(prefix or "condition", message)
+    return ValidationError(f"{prefix}.{name}" if prefix else name, message)
 
 
-_TIME_RE = re.compile(r"(\d{1,2})(?::(\d{2}))?(?::(\d{2}))?")
+_TIME_RE = re.compile(r"([0-9]{1,2})(?::([0-9]{2}))?(?::([0-9]{2}))?")
 
 
 def _parse_clock(text: str, *, is_end: bool) -> int:
@@ -302,10 +307,11 @@ def _zone(key: str) -> ZoneInfo:
 def validate_condition(c: object, index: int | None = None) -> dict[str, Any]:
     """Validate one condition and return it normalized.
 
-    Errors are :class:`ValidationError` with a field such as ``conditions[2].values[0]`` (or
-    ``condition.values[0]`` when no ``index`` is given).
+    Errors are :class:`ValidationError` with a field such as ``conditions[2].values[0]``; without
+    an ``index`` the field is relative (``values[0]``, ``operator``; ``condition`` for the
+    whole object), ready to be prefixed by a caller that knows the position.
     """
-    prefix = f"conditions[{index}]" if index is not None else "condition"
+    prefix = f"conditions[{index}]" if index is not None else ""
     if not isinstance(c, Mapping):
         raise _err(prefix, "", "must be an object with property, operator and values")
     unknown = set(c) - {"property", "operator", "values"}
@@ -314,7 +320,7 @@ def validate_condition(c: object, index: int | None = None) -> dict[str, Any]:
     prop = c.get("property")
     if isinstance(prop, str):
         prop = _PROPERTY_ALIASES.get(prop, prop)
-    if prop not in OPERATORS:
+    if not isinstance(prop, str) or prop not in OPERATORS:
         raise _err(prefix, "property", f"must be one of {', '.join(OPERATORS)}, not {prop!r}")
     op = c.get("operator")
     if op not in OPERATORS[prop]:
@@ -414,8 +420,9 @@ def parse_condition_cli(text: str) -> dict[str, Any]:
 
     - ``remote_ip in 10.0.0.0/8,192.0.2.7`` / ``remote_ip not_in 198.51.100.0/24``
       (the JSON names ``is_in_cidr`` / ``is_not_in_cidr`` work too; ``ip`` = ``remote_ip``);
-    - ``provider_id in <id>,<id>`` / ``provider_id not_in <id>`` (``provider`` works too; the
-      CLI maps provider names to ids before sending);
+    - ``provider_id in <id-or-name>,<id-or-name>`` / ``provider_id not_in <id-or-name>``
+      (``provider`` works too; values are separated by commas only, so names may contain
+      spaces; the portal maps provider names to ids when it stores the policy);
     - ``time in M-F/09:00-17:00/Europe/Berlin;S,U/10:00-12:00,13:00-14:00/UTC``
       (``current_utc_datetime is_in_day_of_week_time_ranges`` is the long form): entries are
       separated by ``;`` or spaces; days are letters ``M T W R F S U``, runs like ``MTWRF``,
@@ -423,7 +430,7 @@ def parse_condition_cli(text: str) -> dict[str, Any]:
     - ``client_verified`` or ``client_verified is true`` (``verified`` works too).
 
     ``not in`` may be written ``not_in``, ``not-in`` or as two words. Raises
-    :class:`ValidationError` (field ``condition...``) on bad input.
+    :class:`ValidationError` (field ``condition`` or ``condition.values[i]``) on bad input.
     """
     tokens = text.split()
     if not tokens:
@@ -471,9 +478,15 @@ def parse_condition_cli(text: str) -> dict[str, Any]:
             except ValueError as e:
                 raise ValidationError("condition", str(e)) from None
             values.extend(f"{DAYS[d]}/{remainder}" for d in days)
+    elif prop == "provider_id":
+        # Provider names may contain spaces: only commas separate them.
+        values = [v.strip() for v in value_text.split(",") if v.strip()]
     else:
         values = [v for v in re.split(r"[,\s]+", value_text.strip()) if v]
-    return validate_condition({"property": prop, "operator": op, "values": values})
+    try:
+        return validate_condition({"property": prop, "operator": op, "values": values})
+    except ValidationError as e:
+        raise ValidationError(f"condition.{e.field}", e.message) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,7 +577,7 @@ def _zone_offsets(key: str) -> _ZoneOffsets:
 # --------------------------------------------------------------------------------------------
 # Compiled conditions
 
-# How far ahead an expiry is searched when the token never expires; beyond it "no expiry".
+# How far ahead a window end is searched; beyond it the window counts as never ending.
 _HORIZON_SECONDS = 400 * DAY_SECONDS
 
 
@@ -759,10 +772,9 @@ def _prepare(ctx: EvalContext) -> _Ctx:
         raise ValueError("EvalContext.token_expires_at must be timezone-aware")
     # Whole seconds: the time windows have one-second resolution.
     now_ts = int(ctx.now.timestamp() // 1)
+    limit = now_ts + _HORIZON_SECONDS
     if ctx.token_expires_at is not None:
-        limit = int(-(-ctx.token_expires_at.timestamp() // 1))
-    else:
-        limit = now_ts + _HORIZON_SECONDS
+        limit = min(limit, int(-(-ctx.token_expires_at.timestamp() // 1)))
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     if ctx.remote_ip:
         try:

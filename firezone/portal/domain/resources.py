@@ -25,6 +25,7 @@ Every error is a :class:`ValidationError` naming the field (``address``, ``filte
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 RESOURCE_TYPES = ("ip", "cidr", "dns", "internet")
+_DIGITS = re.compile(r"[0-9]{1,6}")
 PROTOCOLS = ("tcp", "udp", "icmp")
 MAX_NAME_LEN = 255
 MAX_DESCRIPTION_LEN = 255
@@ -127,7 +129,7 @@ def _validate_ip(text: str) -> str:
             addr = ipaddress.ip_address(bare)
         except ValueError:
             raise ValidationError("address", f"{text!r} is not an IP address") from None
-        if not plen.isdigit() or int(plen) > addr.max_prefixlen:
+        if not _DIGITS.fullmatch(plen) or int(plen) > addr.max_prefixlen:
             raise ValidationError("address", f"{text!r} has an invalid prefix length")
         if int(plen) != addr.max_prefixlen:
             raise ValidationError("address", f"{text!r} is a network; use a resource of type cidr")
@@ -156,7 +158,7 @@ def _parse_port(value: object, field: str) -> int:
         raise ValidationError(field, f"{value!r} is not a port number")
     if isinstance(value, int):
         port = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
         port = int(value.strip())
     else:
         raise ValidationError(field, f"{value!r} is not a port number")

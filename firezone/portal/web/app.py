@@ -17,6 +17,7 @@ from firezone.portal.web import api
 
 if TYPE_CHECKING:
     from firezone.portal.channels import Hub
+    from firezone.portal.web.signin import SigninSettings
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
 
 
 def openapi_document() -> dict[str, Any]:
+    from firezone.portal.web import providers_api  # registers its routes
+
+    _SCHEMAS.setdefault("Provider", providers_api.SCHEMA)
     paths: dict[str, dict[str, Any]] = {}
     problem_ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     for r in api.ROUTES:
@@ -235,7 +239,12 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def create_app(store: Store, *, max_body_bytes: int = 1_048_576, hub: "Hub | None" = None) -> web.Application:
+def create_app(store: Store, *, max_body_bytes: int = 1_048_576, hub: "Hub | None" = None,
+               signin: SigninSettings | None = None) -> web.Application:
+    from firezone.portal.web import providers_api  # registers its routes
+    from firezone.portal.web import signin as signin_pages
+
+    _SCHEMAS.setdefault("Provider", providers_api.SCHEMA)
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[STORE] = store
     app[METRICS] = metrics = PortalMetrics()
@@ -250,4 +259,5 @@ def create_app(store: Store, *, max_body_bytes: int = 1_048_576, hub: "Hub | Non
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/api/openapi.json", openapi_handler)
+    signin_pages.install(app, store, signin)  # last: its /{slug} pages must not shadow the routes above
     return app

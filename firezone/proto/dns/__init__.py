@@ -1,0 +1,1 @@
+"""DNS: resource-name patterns (and, next to them, the client's split-DNS stub)."""
