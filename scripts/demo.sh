@@ -34,7 +34,7 @@ if [ "$fresh" = 1 ]; then
   $fz group add-member Engineering alice@demo.test
   $fz policy add --group Engineering --resource httpbin --description "engineers reach httpbin"
   $fz policy add --group Engineering --resource private-dns \
-      --condition "current_utc_datetime is_in_day_of_week_time_ranges M,T,W,R,F/08:00-18:00/Europe/Berlin"
+      --condition "time in M-F/08:00-18:00/Europe/Berlin"
 fi
 cat <<MSG
 

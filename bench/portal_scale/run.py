@@ -103,6 +103,7 @@ class Sim:
         self.auth_done = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = 0
+        self.auth_failed = 0
 
     async def _open(self, kind: str, token: str) -> aiohttp.ClientWebSocketResponse:
         assert self.session is not None
@@ -154,8 +155,10 @@ class Sim:
                 self.updates += 1
                 if self.updates >= self.update_target:
                     self.update_done.set()
-            elif event == "authorization_created":
+            elif event in ("authorization_created", "authorization_creation_failed"):
                 self.authorized += 1
+                if event == "authorization_creation_failed":
+                    self.auth_failed += 1
                 if self.authorized >= self.auth_target:
                     self.auth_done.set()
 
@@ -226,12 +229,14 @@ async def measure(n: int, idle_s: float, n_auth: int) -> dict[str, float]:
             fan = await sim.fan_out(lambda: api(url, tok, "PATCH", "/resources/r",
                                                 {"address_description": f"changed {time.time()}"}))
             rate = await sim.authorize(min(n_auth, 20 * n), res["id"])
+            failed, dropped = sim.auth_failed, sim.closed
             hwm = proc_status(portal.proc.pid, "VmHWM")
             await sim.close()
         finally:
             portal.stop()
     return {"n": n, "connect_s": connect_s, "rss_mib": rss1 / 1024, "per_session_kib": (rss1 - rss0) / n,
-            "peak_mib": hwm / 1024, "idle_cpu_pct": idle_cpu * 100, "fanout_s": fan, "authz_per_s": rate}
+            "peak_mib": hwm / 1024, "idle_cpu_pct": idle_cpu * 100, "fanout_s": fan, "authz_per_s": rate,
+            "authz_failed": failed, "sessions_dropped": dropped}
 
 
 def main() -> None:
@@ -245,11 +250,12 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, aiohttp {aiohttp.__version__}")
     print(f"{'sessions':>8} {'connect s':>9} {'RSS MiB':>8} {'KiB/sess':>8} {'idle CPU':>8} {'fan-out s':>9} "
-          f"{'authz/s':>8}")
+          f"{'authz/s':>8} {'failed':>6} {'dropped':>7}")
     for n in (int(x) for x in args.sizes.split(",")):
         r = uvloop.run(measure(n, args.idle, args.authorizations))
         print(f"{r['n']:>8} {r['connect_s']:>9.1f} {r['rss_mib']:>8.0f} {r['per_session_kib']:>8.1f} "
-              f"{r['idle_cpu_pct']:>7.1f}% {r['fanout_s']:>9.2f} {r['authz_per_s']:>8.0f}", flush=True)
+              f"{r['idle_cpu_pct']:>7.1f}% {r['fanout_s']:>9.2f} {r['authz_per_s']:>8.0f} {r['authz_failed']:>6} "
+              f"{r['sessions_dropped']:>7}", flush=True)
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ def add_account_cmd(app: AppContext, data_dir: Path | None, slug: str, account_n
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the database lives (default: config portal.data_dir).")
 @click.option("--listen", metavar="HOST:PORT", help="Address to serve on (default 127.0.0.1:8080).")
+@click.option("--smtp-print", is_flag=True,
+              help="Write sign-in mails (codes) to the portal log instead of sending them; for local use.")
 @click.pass_obj
-def serve_cmd(app: AppContext, data_dir: Path | None, listen: str | None) -> None:
+def serve_cmd(app: AppContext, data_dir: Path | None, listen: str | None, smtp_print: bool) -> None:
     """Serve the portal (REST API, WebSocket control channels, sign-in pages) until SIGTERM/SIGINT."""
     from firezone.roles import portal as role
 
@@ -114,7 +116,8 @@ def serve_cmd(app: AppContext, data_dir: Path | None, listen: str | None) -> Non
     try:
         role.run_serve(d, host, port, max_body_bytes=app.config.get("portal.max_body_bytes"),
                        reevaluate_interval=float(app.config.get("portal.reevaluate_interval")),
-                       authorization_timeout=float(app.config.get("portal.authorization_timeout")))
+                       authorization_timeout=float(app.config.get("portal.authorization_timeout")),
+                       signin=role.signin_settings(app.config, smtp_print=smtp_print))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise CliError(f"cannot listen on {host}:{port}: address already in use") from None

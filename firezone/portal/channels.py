@@ -55,9 +55,11 @@ IDLE_TIMEOUT = 37.0  # seconds without any frame (heartbeats come every 10 s)
 AUTHORIZATION_TIMEOUT = 15.0
 REEVALUATE_INTERVAL = 60.0
 MAX_FRAME = 64 * 1024
-SEND_QUEUE = 4096
-RATE_PER_SECOND = 20.0
-RATE_BURST = 60.0
+# Frames queued per session before it counts as stuck and is dropped; a gateway gets one frame per
+# authorization of every client it serves, so it gets more room.
+SEND_QUEUE = {"client": 4096, "gateway": 65536, "relay": 1024}
+# Frames per second and burst per session: a gateway acknowledges for every client it serves.
+RATE_LIMITS = {"client": (20.0, 60.0), "gateway": (2000.0, 4000.0), "relay": (10.0, 30.0)}
 GATEWAY_RELAY_EXPIRY = 2145916800  # 2038-01-01: stable across gateway reconnects
 CLIENT_RELAY_TTL = 7 * 24 * 3600
 RELAYS_PER_PEER = 2
@@ -112,13 +114,16 @@ class Session:
     joined: bool = False
     relay_ids: list[str] = field(default_factory=list)
     visible: dict[str, dict[str, Any]] = field(default_factory=dict)  # resource id -> pushed JSON
-    queue: asyncio.Queue[str | None] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
+    queue: asyncio.Queue[str | None] = field(init=False)
     bucket: TokenBucket | None = None
     relay_id: str | None = None
     relay_secret: str | None = None
     expiry_handle: asyncio.TimerHandle | None = None
     closed: bool = False
     connected_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(SEND_QUEUE[self.kind])
 
     @property
     def device_id(self) -> str:
@@ -130,8 +135,10 @@ class Session:
         return str(self.device["public_key"]) if self.device else ""
 
     def push(self, event: str, payload: Any, ref: str | None = None, topic: str | None = None) -> None:
-        frame = json.dumps({"topic": topic or self.kind, "event": event, "payload": payload, "ref": ref},
-                           default=str)
+        self._put(_frame(topic or self.kind, event, payload, ref))
+
+    def push_frame(self, frame: str) -> None:
+        """Queue an already serialized frame (one serialization for a broadcast)."""
         self._put(frame)
 
     def reply(self, ref: Any, ok: bool, response: Any = None, topic: str | None = None) -> None:
@@ -240,7 +247,7 @@ class Hub:
         """Check the token and connect parameters before the WebSocket upgrade."""
         info = self.store.verify_token(presented, (kind,))
         s = Session(kind, info, remote_ip, dict(query), user_agent)
-        s.bucket = TokenBucket(RATE_PER_SECOND, RATE_BURST, time.monotonic())
+        s.bucket = TokenBucket(*RATE_LIMITS[kind], time.monotonic())
         if kind == "relay":
             return s
         assert info.account_id is not None
@@ -421,7 +428,8 @@ class Hub:
 
     def _expire(self, s: Session) -> None:
         log.info("session token expired", extra={"kind": s.kind})
-        self._revoke_all_for_client(s) if s.kind == "client" else None
+        if s.kind == "client":
+            self._revoke_all_for_client(s)
         s.disconnect("token_expired")
 
     # -- relays ---------------------------------------------------------------------------------
@@ -702,11 +710,30 @@ class Hub:
                         self._revoke(cid, rid, f"resource {ch.action}")
                     elif before.get("filters") != after.get("filters") and a.gateway_id in self.gateways:
                         self.gateways[a.gateway_id].push("resource_updated", self._gateway_resource(after))
+            if ch.action == "updated" and ch.row is not None:
+                # Access follows policies, which did not change: only the view of who sees it changes.
+                view = self._client_resource(ch.row)
+                frame = _frame("client", "resource_created_or_updated", view)
+                for s in clients:
+                    if ch.id in s.visible and s.visible[ch.id] != view:
+                        s.visible[ch.id] = view
+                        s.push_frame(frame)
+            elif ch.action == "deleted":
+                frame = _frame("client", "resource_deleted", ch.id)
+                for s in clients:
+                    if s.visible.pop(ch.id, None) is not None:
+                        s.push_frame(frame)
+        elif ch.kind == "policy":
+            p = ch.row or ch.before or {}
+            members = self._group_members(p.get("group_id"))
             for s in clients:
-                self.refresh_client(s, {ch.id})
-        elif ch.kind in ("policy", "group"):
-            for s in clients:
-                self.refresh_client(s)
+                if s.actor and s.actor["id"] in members:
+                    self.refresh_client(s, {p["resource_id"]})
+        elif ch.kind == "group":
+            resource_ids = set((ch.before or {}).get("resource_ids", ()))
+            if resource_ids:
+                for s in clients:
+                    self.refresh_client(s, resource_ids)
         elif ch.kind == "membership":
             actor_id = (ch.row or ch.before or {}).get("actor_id")
             for s in clients:
@@ -730,6 +757,12 @@ class Hub:
             for s in clients:
                 s.push("config_changed", {"interface": self._client_init(s)["interface"]})
 
+    def _group_members(self, group_id: str | None) -> set[str]:
+        if group_id is None:
+            return set()
+        rows = self.store.db.fetchall("SELECT actor_id FROM memberships WHERE group_id = :g", {"g": group_id})
+        return {r["actor_id"] for r in rows}
+
     # -- presence for the admin API --------------------------------------------------------------
 
     def online_devices(self) -> set[str]:
@@ -740,6 +773,10 @@ class Hub:
                  "ipv6": s.params.get("ipv6"), "port": _int(s.params.get("port"), 3478),
                  "remote_ip": s.remote_ip, "version": _version(s.user_agent), "online_since": iso(s.connected_at)}
                 for rid, s in self.relays.items()]
+
+
+def _frame(topic: str, event: str, payload: Any, ref: str | None = None) -> str:
+    return json.dumps({"topic": topic, "event": event, "payload": payload, "ref": ref}, default=str)
 
 
 def _candidates(value: Any) -> list[str]:
@@ -843,7 +880,8 @@ def endpoint(kind: str) -> Callable[[web.Request], Any]:
         finally:
             hub.leave(s)
             s.closed = True
-            s.queue.put_nowait(None) if not s.queue.full() else None
+            if not s.queue.full():
+                s.queue.put_nowait(None)
             try:
                 await asyncio.wait_for(writer, 5.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):

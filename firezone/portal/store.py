@@ -36,6 +36,9 @@ DEFAULT_CLIENT_SESSION_S = 7 * 24 * 3600
 MAX_NAME = 255
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{1,62}$")
+# First path segments the portal serves itself; an account slug may not shadow them.
+RESERVED_SLUGS = frozenset({"api", "auth", "static", "client", "gateway", "relay", "healthz", "metrics",
+                            "readyz", "admin", "sign_in", "oidc", "favicon.ico", "robots.txt"})
 
 
 def now_ms() -> int:
@@ -166,6 +169,8 @@ class Store:
         name = _require_name("name", name)
         if not isinstance(slug, str) or not _SLUG.match(slug):
             raise Invalid("slug", "must be 2-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit")
+        if slug in RESERVED_SLUGS:
+            raise Invalid("slug", f"{slug!r} is reserved by the portal; choose another")
         aid = _new_id()
         t = now_ms()
         with self.db.transaction():
@@ -905,6 +910,7 @@ class Store:
                            expires_in: int, remote_ip: str | None = None, user_agent: str | None = None) -> Row:
         sid = _new_id()
         t = now_ms()
+        self.db.execute("DELETE FROM web_sessions WHERE expires_at < :old", {"old": t - 86400_000})
         self.db.execute(
             "INSERT INTO web_sessions (id, account_id, actor_id, provider_id, secret_hash, remote_ip, user_agent, "
             "created_at, expires_at) VALUES (:id, :a, :u, :p, :h, :ip, :ua, :t, :e)",

@@ -321,7 +321,7 @@ class PhoenixChannel:
     def _stop(self, now: float, reason: str) -> None:
         if self.state is State.STOPPED:
             return
-        if self.state is not State.DISCONNECTED:
+        if self.state in (State.JOINING, State.JOINED):
             self._actions.append(Close(reason))
         self.state = State.STOPPED
         self._reconnect_at = None

@@ -8,6 +8,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvloop
 from aiohttp import web
@@ -16,6 +17,10 @@ from firezone.portal.db.migrate import migrate
 from firezone.portal.db.sqlite import SqliteDatabase
 from firezone.portal.store import Store
 from firezone.portal.web.app import create_app
+from firezone.portal.web.signin import SigninSettings
+
+if TYPE_CHECKING:
+    from firezone.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +114,16 @@ def secret_key(data_dir: Path) -> bytes:
 
 
 async def serve(data_dir: Path, host: str, port: int, *, max_body_bytes: int = 1_048_576,
-                reevaluate_interval: float = 60.0, authorization_timeout: float = 15.0, ready: asyncio.Event | None = None) -> None:
+                reevaluate_interval: float = 60.0, authorization_timeout: float = 15.0, ready: asyncio.Event | None = None,
+                signin: SigninSettings | None = None) -> None:
     from firezone.portal.channels import Hub
 
     store = open_store(data_dir)
     hub = Hub(store, secret_key=secret_key(data_dir), reevaluate_interval=reevaluate_interval,
               authorization_timeout=authorization_timeout)
-    app = create_app(store, max_body_bytes=max_body_bytes, hub=hub)
+    if signin is not None and not signin.mail.configured:
+        log.warning("sign-in codes cannot be mailed: set portal.smtp_host (or run with --smtp-print)")
+    app = create_app(store, max_body_bytes=max_body_bytes, hub=hub, signin=signin)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -133,6 +141,19 @@ async def serve(data_dir: Path, host: str, port: int, *, max_body_bytes: int = 1
         log.info("portal stopping")
         await runner.cleanup()
         store.db.close()
+
+
+def signin_settings(config: Config, *, smtp_print: bool = False) -> SigninSettings:
+    """Mail and sign-in settings of ``fz portal serve`` from the effective configuration."""
+    from firezone.portal.web.mailer import MailSettings
+
+    mail = MailSettings(host=config.get("portal.smtp_host"), port=int(config.get("portal.smtp_port")),
+                        starttls=bool(config.get("portal.smtp_starttls")), user=config.get("portal.smtp_user"),
+                        password=config.get("portal.smtp_password"), sender=config.get("portal.smtp_from"),
+                        print_only=smtp_print or bool(config.get("portal.smtp_print")))
+    return SigninSettings(mail=mail, email_code_ttl=int(config.get("portal.email_code_ttl")),
+                          email_response_ms=int(config.get("portal.email_response_ms")),
+                          external_url=config.get("portal.external_url"))
 
 
 def run_serve(data_dir: Path, host: str, port: int, **kw: object) -> None:

@@ -66,9 +66,8 @@ def test_not_a_portal(served_portal: ServedPortal) -> None:
     one_line_error(r, "404", "is this an fz portal?")
 
 
-@pytest.mark.parametrize("variable", ["FIREZONE_PORTAL_URL", "FIREZONE_PORTAL"])
-def test_portal_from_env_and_token_from_env(served_portal: ServedPortal, tmp_path: Any, variable: str) -> None:
-    env = {**isolated_env(tmp_path), variable: served_portal.url, "FIREZONE_TOKEN": served_portal.admin_token()}
+def test_portal_from_env_and_token_from_env(served_portal: ServedPortal, tmp_path: Any) -> None:
+    env = {**isolated_env(tmp_path), "FIREZONE_PORTAL_URL": served_portal.url, "FIREZONE_TOKEN": served_portal.admin_token()}
     users = served_portal.fz_json("user", "list", env=env)
     assert ADMIN_EMAIL in [u["email"] for u in users]
 
@@ -91,7 +90,7 @@ def test_portal_precedence(served_portal: ServedPortal, tmp_path: Any) -> None:
     _config_file(tmp_path, f'portal_url = "{dead}"\n')
     one_line_error(served_portal.fz("user", "list", env=env, expect=1), dead)
     served_portal.fz("--portal", served_portal.url, "user", "list", env=env)        # flag beats file
-    served_portal.fz("user", "list", env={**env, "FIREZONE_PORTAL": served_portal.url})  # env beats file
+    served_portal.fz("user", "list", env={**env, "FIREZONE_PORTAL_URL": served_portal.url})  # env beats file
     one_line_error(served_portal.fz("--portal", dead, "user", "list",               # flag beats env
                                     env={**env, "FIREZONE_PORTAL_URL": served_portal.url}, expect=1), dead)
 
@@ -443,7 +442,7 @@ def test_token_create_list_revoke(served_portal: ServedPortal, site_name: str) -
 def test_api_token_works_and_revocation_rejects_it(served_portal: ServedPortal, tmp_path: Any) -> None:
     p = served_portal
     api = p.fz_json("token", "create", "api", "--expires", "1h")
-    env = {**isolated_env(tmp_path), "FIREZONE_PORTAL": p.url, "FIREZONE_TOKEN": api["secret"]}
+    env = {**isolated_env(tmp_path), "FIREZONE_PORTAL_URL": p.url, "FIREZONE_TOKEN": api["secret"]}
     assert ADMIN_EMAIL in [u["email"] for u in p.fz_json("user", "list", env=env)]
     p.fz("token", "revoke", api["id"])
     one_line_error(p.fz("user", "list", env=env, expect=1), "token rejected")

@@ -259,5 +259,5 @@ def create_app(store: Store, *, max_body_bytes: int = 1_048_576, hub: "Hub | Non
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/api/openapi.json", openapi_handler)
-    signin_pages.install(app, store, signin)  # last: its /{slug} pages must not shadow the routes above
+    signin_pages.install(app, signin)  # last: its /{slug} pages must not shadow the routes above
     return app

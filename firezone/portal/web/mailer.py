@@ -88,7 +88,8 @@ class Mailer:
             log.debug("sign-in mail sent", extra={"smtp_host": self.settings.host})
         except (OSError, smtplib.SMTPException) as e:
             self.failed += 1
-            log.error("sending a sign-in mail failed: %s", e, extra={"smtp_host": self.settings.host})
+            log.error("sending a sign-in mail failed: %s", type(e).__name__)
+            log.debug("SMTP failure", extra={"smtp_host": self.settings.host, "error": str(e)})
 
     async def drain(self) -> None:
         if self._tasks:

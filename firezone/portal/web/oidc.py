@@ -119,7 +119,8 @@ class OidcClient:
                     raise OidcError(f"the identity provider answered {resp.status} for its {what}")
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as e:
-            log.info("identity provider unreachable", extra={"url": url, "error": str(e)})
+            log.warning("identity provider unreachable for its %s: %s", what, type(e).__name__)
+            log.debug("identity provider request failed", extra={"url": url, "error": str(e)})
             raise OidcError(f"the identity provider could not be reached for its {what}") from None
         except ValueError:
             raise OidcError(f"the identity provider's {what} is not JSON") from None

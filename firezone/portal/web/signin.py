@@ -61,7 +61,7 @@ class SigninSettings:
     email_code_ttl: int = 900
     email_response_ms: int = 800
     external_url: str | None = None
-    # RFC 9106 §4 / OWASP minimum profile: cheap enough for a portal, far too slow to brute-force 6 chars offline
+    # OWASP's minimum argon2id profile (m=19 MiB, t=2, p=1): tens of ms per guess at a leaked code hash
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19 * 1024
 
@@ -83,7 +83,7 @@ def _templates() -> jinja2.Environment:
                               autoescape=jinja2.select_autoescape(["html"], default=True))
 
 
-def install(app: web.Application, store: Store, settings: SigninSettings | None = None) -> None:
+def install(app: web.Application, settings: SigninSettings | None = None) -> None:
     """Mount the sign-in and admin pages (after every other route: ``/{slug}`` is a catch-all)."""
     settings = settings or SigninSettings()
     s = Signin(settings, Mailer(settings.mail), OidcClient(),
@@ -136,9 +136,9 @@ def render(request: web.Request, template: str, status: int = 200, **ctx: Any) -
 
 
 def message(request: web.Request, title: str, text: str, status: int, *, account: dict[str, Any] | None = None,
-            retry: str | None = None) -> web.Response:
+            retry: str | None = None, retry_label: str = "Start again") -> web.Response:
     return render(request, "message.html", status, title=title, message=text, account=account, retry=retry,
-                  home=f"/{account['slug']}" if account else None)
+                  retry_label=retry_label, home=f"/{account['slug']}" if account else None)
 
 
 def _account(request: web.Request) -> dict[str, Any] | None:
@@ -192,8 +192,27 @@ def _lifetime(provider: dict[str, Any], key: str, default: int) -> int:
 
 
 def _external(request: web.Request) -> str:
+    """Base URL for the OIDC redirect URI (the provider only accepts the registered one anyway)."""
+    return _trusted_base(request) or f"{request.scheme}://{request.host}"
+
+
+def _trusted_base(request: web.Request) -> str | None:
+    """Base URL for links in mails: ``portal.external_url``, else the address the request really hit.
+
+    The Host header alone is not trusted: whoever asks for a code for someone else's address
+    could otherwise point the link in that person's mail at a host of their own and collect the
+    code. Without ``portal.external_url``, a link is only made when Host names the very socket
+    address the connection arrived on (a portal reached directly by IP, as in a lab).
+    """
     ext = _s(request).settings.external_url
-    return ext.rstrip("/") if ext else f"{request.scheme}://{request.host}"
+    if ext:
+        return ext.rstrip("/")
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not sock or not isinstance(sock, tuple):
+        return None
+    host, port = str(sock[0]), int(sock[1])
+    literal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{request.scheme}://{literal}" if request.host == literal else None
 
 
 async def _form(request: web.Request) -> dict[str, str]:
@@ -246,7 +265,7 @@ async def sign_in_page(request: web.Request) -> web.StreamResponse:
         raise web.HTTPSeeOther(f"/{account['slug']}/admin")
     providers = [p for p in store.providers(account["id"]) if not p["disabled"]]
     return _with_presign_csrf(request, "sign_in.html", account=account, providers=providers, kind=params["as"],
-                              params=params, home=f"/{account['slug']}", error=request.query.get("error"))
+                              params=params, home=f"/{account['slug']}")
 
 
 # -- email codes --------------------------------------------------------------------------------
@@ -300,13 +319,18 @@ async def email_request(request: web.Request) -> web.StreamResponse:
                                          code_hash=code_hash)
         actor = store.actor_by_email(account["id"], raw_email)
         if actor is not None and not actor["disabled"] and actor["type"] != "service_account":
-            link = (f"{_external(request)}/{account['slug']}/sign_in/email/{provider['id']}/verify?"
-                    + urlencode({"code": code}))
+            base = _trusted_base(request)
+            link = ""
+            if base is None:
+                log.warning("sign-in mail without a link: set portal.external_url to the portal's public URL")
+            else:
+                link = (f"Or open this link in the same browser:\n{base}/{account['slug']}/sign_in/email/"
+                        f"{provider['id']}/verify?{urlencode({'code': code})}\n\n")
             minutes = max(1, s.settings.email_code_ttl // 60)
             s.mailer.send_later(raw_email, f"Your sign-in code for {account['name']}: {code}", (
                 f"Hello {actor['name']},\n\n"
                 f"your code to sign in to {account['name']} is:\n\n    {code}\n\n"
-                f"Or open this link in the same browser:\n{link}\n\n"
+                f"{link}"
                 f"The code is valid for {minutes} minutes and can be tried {CODE_ATTEMPTS} times.\n"
                 f"If you did not ask for it, ignore this mail.\n"))
         resp = see_other(f"/{account['slug']}/sign_in/email/{provider['id']}/verify")
@@ -378,6 +402,9 @@ async def _check_code(request: web.Request, account: dict[str, Any], code: str) 
         left = CODE_ATTEMPTS - n
         text = ("That code is wrong. " + (f"You can try {left} more time{'s' if left != 1 else ''}."
                                           if left > 0 else "No attempts are left: request a new code."))
+        if left > 0:
+            again = f"/{account['slug']}/sign_in/email/{flow['provider_id']}/verify"
+            return message(request, "Wrong code", text, 401, account=account, retry=again, retry_label="Try again")
         return message(request, "Wrong code", text, 401, account=account, retry=restart)
     if not store.use_flow(flow["id"]):
         return message(request, "Code already used", "This code was already used. Request a new one.", 410,
