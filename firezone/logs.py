@@ -55,6 +55,19 @@ class KeyValueFormatter(logging.Formatter):
         return msg
 
 
+class _QuietLibraries(logging.Filter):
+    """Drop chatty third-party records below WARNING, whatever their loggers' levels say.
+
+    pyroute2 resets its own logger's level when imported, so a logger-level setting alone does not
+    hold.
+    """
+
+    PREFIXES = ("pyroute2", "asyncio", "aiohttp.access")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.PREFIXES)
+
+
 def level_for(verbosity: int, quiet: bool = False) -> int:
     if quiet:
         return logging.WARNING
@@ -82,10 +95,9 @@ def setup_logging(verbosity: int = 0, *, json_lines: bool | None = None, stream:
 
         handler = RichHandler(console=Console(file=stream), show_path=False, rich_tracebacks=False)
         handler.setFormatter(KeyValueFormatter())
+    handler.addFilter(_QuietLibraries())
     root.addHandler(handler)
     root.setLevel(level_for(verbosity))
-    for noisy in ("aiohttp.access", "pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def trace(logger: logging.Logger, msg: str, **fields: Any) -> None:
