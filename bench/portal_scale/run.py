@@ -121,6 +121,7 @@ class Sim:
         conn = aiohttp.TCPConnector(limit=0)
         self.session = aiohttp.ClientSession(connector=conn)
         gw = await self._open("gateway", self.gateway_token)
+        self.gateway_ws = gw
         self.tasks.append(asyncio.create_task(self._gateway(gw)))
         t0 = time.perf_counter()
         sem = asyncio.Semaphore(200)
@@ -131,8 +132,8 @@ class Sim:
                 self.clients.append(ws)
                 self.tasks.append(asyncio.create_task(self._client(ws)))
 
-        await asyncio.gather(*(one() for _ in range(n)))
         self.tasks.append(asyncio.create_task(self._heartbeats()))
+        await asyncio.gather(*(one() for _ in range(n)))
         return time.perf_counter() - t0
 
     async def _gateway(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -166,7 +167,7 @@ class Sim:
         frame = json.dumps({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "hb"})
         while True:
             await asyncio.sleep(10)
-            for ws in list(self.clients):
+            for ws in [self.gateway_ws, *self.clients]:
                 if not ws.closed:
                     try:
                         await ws.send_str(frame)

@@ -20,6 +20,21 @@ log = logging.getLogger("firezone.cli")
 SUBCOMMANDS = [
     "firezone.cli.config_cmd:config",
     "firezone.cli.completion:completion",
+    "firezone.cli.portal:portal",
+    "firezone.cli.wg:wg",
+    "firezone.cli.admin:user",
+    "firezone.cli.admin:group",
+    "firezone.cli.admin:site",
+    "firezone.cli.admin:resource",
+    "firezone.cli.admin:policy",
+    "firezone.cli.admin:token",
+    "firezone.cli.admin:audit",
+    "firezone.cli.admin:device",
+    "firezone.cli.admin:gateway",
+    "firezone.cli.relay:relay",
+    "firezone.cli.lab:lab",
+    "firezone.cli.provider:provider",
+    "firezone.cli.client:client",
 ]
 
 
