@@ -114,6 +114,10 @@ Addr = tuple[str, int]
 DEFAULT_PORT = 52625
 # Firezone connection_state.rs: WireGuard packets produced while connecting are buffered (128).
 MAX_BUFFERED = 128
+# RFC 8445 §14.2 leaves Ta to the application. A connection here checks a few dozen pairs at most,
+# all towards one peer and its two relays, and the relayed pairs come last by priority: 20 ms
+# keeps the burst small while the last pair still goes out about 100 ms after the first.
+CHECK_PACING = 0.020
 # How long a connection that lost its ICE path may try to get a new one: about one full ICE
 # check run (12 attempts, 250 ms doubling to 1.5 s = 15.25 s) plus pacing and one RTT.
 RECONNECT_TIMEOUT = 16.5
@@ -476,6 +480,7 @@ class Node:
             remote_pwd=remote_creds[1],
             rng=self._rng,
             now=now,
+            ta=CHECK_PACING,
         )
         index = self._new_index()
         try:
