@@ -59,7 +59,7 @@ MAX_FRAME = 64 * 1024
 # authorization of every client it serves, so it gets more room.
 SEND_QUEUE = {"client": 4096, "gateway": 65536, "relay": 1024}
 # Frames per second and burst per session: a gateway acknowledges for every client it serves.
-RATE_LIMITS = {"client": (20.0, 60.0), "gateway": (2000.0, 4000.0), "relay": (10.0, 30.0)}
+RATE_LIMITS = {"client": (20.0, 60.0), "gateway": (20000.0, 40000.0), "relay": (10.0, 30.0)}
 GATEWAY_RELAY_EXPIRY = 2145916800  # 2038-01-01: stable across gateway reconnects
 CLIENT_RELAY_TTL = 7 * 24 * 3600
 RELAYS_PER_PEER = 2

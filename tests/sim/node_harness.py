@@ -39,12 +39,13 @@ RELAY_ADDRS = {"relay1": "203.0.113.101", "relay2": "203.0.113.102"}
 class RelayHost:
     """A relay host on the SimNet: the pure TurnServer behind its listening and relayed ports."""
 
-    def __init__(self, name: str, ip: str, seed: int, now: float, generation: int = 0) -> None:
+    def __init__(self, name: str, ip: str, seed: int, now: float, generation: int = 0,
+                 secret: bytes | None = None) -> None:
         self.name = name
         self.ip = ip
         self.seed = seed
         self.generation = generation
-        self.secret = SeededRng(f"secret:{seed}:{name}:{generation}").token_bytes(32)
+        self.secret = secret or SeededRng(f"secret:{seed}:{name}:{generation}").token_bytes(32)
         self.server = TurnServer(
             secret=self.secret,
             public_ip4=ip,

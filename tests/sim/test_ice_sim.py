@@ -18,7 +18,7 @@ from firezone.proto.ice import (
 )
 from firezone.proto.rng import SeededRng
 from firezone.proto.stun import is_channel_data, is_stun
-from firezone.proto.turn import SendToClient, SendToPeer, TurnServer, make_credentials
+from firezone.proto.turn import make_credentials
 from firezone.proto.turn.client import Allocation, AllocationLost, AllocationReady
 
 from .simnet import (
@@ -30,61 +30,13 @@ from .simnet import (
 from .simnet import (
     ENDPOINT_INDEPENDENT as EI,
 )
+from .node_harness import RelayHost
 from .simnet import SimNet
 
 Addr = tuple[str, int]
 TURN_PORT = 3478
 RELAY_SECRET = b"\x07" * 32
 UNIX0 = 1_800_000_000
-
-
-class RelayNode:
-    """A relay host: the pure TurnServer behind the simulated sockets."""
-
-    def __init__(self, ip: str, now: float, seed: int) -> None:
-        self.ip = ip
-        self.server = TurnServer(
-            secret=RELAY_SECRET,
-            public_ip4=ip,
-            public_ip6=None,
-            rng=SeededRng(f"relay:{seed}:{ip}"),
-            now=now,
-            unix_time=UNIX0,
-        )
-        self.out: deque[tuple[Addr, Addr, bytes]] = deque()
-
-    def handle_datagram(self, src: Addr, dst: Addr, payload: bytes, now: float) -> None:
-        if dst[1] == TURN_PORT:
-            fast = self.server.relay_channel_data(payload, src, now)
-            if fast is not None:
-                data, peer, port = fast
-                self.out.append(((self.ip, port), peer, bytes(data)))
-            else:
-                self.server.handle_client_datagram(payload, src, now)
-        else:
-            fast2 = self.server.relay_peer_data(payload, src, dst[1], now)
-            if fast2 is not None:
-                self.out.append(((self.ip, TURN_PORT), fast2[1], fast2[0]))
-            else:
-                self.server.handle_peer_datagram(payload, src, dst[1], 4, now)
-        self._drain()
-
-    def _drain(self) -> None:
-        while (c := self.server.poll_command()) is not None:
-            if isinstance(c, SendToClient):
-                self.out.append(((self.ip, TURN_PORT), c.client, c.data))
-            elif isinstance(c, SendToPeer):
-                self.out.append(((self.ip, c.relay_port), c.peer, c.data))
-
-    def handle_timeout(self, now: float) -> None:
-        self.server.handle_timeout(now)
-        self._drain()
-
-    def poll_transmit(self):
-        return self.out.popleft() if self.out else None
-
-    def poll_timeout(self) -> float | None:
-        return self.server.poll_timeout()
 
 
 class PeerNode:
@@ -241,7 +193,7 @@ def build(nat_a: str | None, nat_b: str | None, seed: int = 1, loss: float = 0.0
     relays = []
     for i, r in enumerate((RELAY1, RELAY2)):
         net.add_host(f"relay{i + 1}", r[0], latency=0.005)
-        node = RelayNode(r[0], 0.0, seed)
+        node = RelayHost(r[0], r[0], seed, 0.0, secret=RELAY_SECRET)
         net.attach(f"relay{i + 1}", node)
         relays.append(node)
     a_ip, b_ip = "192.0.2.10", "192.0.2.130"
