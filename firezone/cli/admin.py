@@ -1111,3 +1111,4 @@ def list_relays(app: AppContext) -> None:
     except ApiError as e:
         raise _api_error(e) from None
     _list(app, items, lambda r: {k: r.get(k) for k in RELAY_COLUMNS}, RELAY_COLUMNS)
+from firezone.cli import gateway_up as _gateway_up  # noqa: E402,F401

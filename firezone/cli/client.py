@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import queue
 import shutil
@@ -441,3 +442,156 @@ def load_sign_in(token_file: Path | None = None) -> dict[str, Any] | None:
     if stored and stored.get("token"):
         return {**stored, "source": "stored sign-in"}
     return None
+
+
+# -- running the client ---------------------------------------------------------------------------
+
+CLIENT_ID_FILE = Path("/var/lib/firezone/client-id")
+
+
+def _client_id(explicit: str | None) -> str:
+    """``--id`` / ``FIREZONE_ID``, else a UUID kept in /var/lib/firezone/client-id."""
+    import uuid
+
+    if explicit:
+        return explicit
+    with contextlib.suppress(OSError):
+        text = CLIENT_ID_FILE.read_text().strip()
+        if text:
+            return text
+    new = str(uuid.uuid4())
+    with contextlib.suppress(OSError):
+        CLIENT_ID_FILE.parent.mkdir(parents=True, exist_ok=True)
+        CLIENT_ID_FILE.write_text(new + "\n")
+    return new
+
+
+def _control_path(value: Path | None) -> Path:
+    from firezone.runtime.control_socket import default_path
+
+    return value or default_path()
+
+
+_control_option = click.option(
+    "--control-socket", "control_socket", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH",
+    help="UNIX socket of the running client (default: FIREZONE_CONTROL_SOCKET or /run/firezone/client.sock).")
+
+
+@client.command("up")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Read a client token from FILE (headless machines; FIREZONE_TOKEN wins).")
+@click.option("--dns-control", "dns_control", type=click.Choice(["etc-resolv-conf", "systemd-resolved", "none"]),
+              envvar="FIREZONE_DNS_CONTROL", default="etc-resolv-conf", show_default=True,
+              help="How to point the system resolver at the tunnel's DNS stub.")
+@click.option("--id", "external_id", envvar="FIREZONE_ID", metavar="ID",
+              help="This device's stable identity (default: a UUID kept in /var/lib/firezone/client-id).")
+@click.option("--name", envvar="FIREZONE_NAME", metavar="NAME", help="Device name shown in the portal (default: hostname).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="UDP port for the tunnel (0: any free port).")
+@click.option("--account", envvar="FIREZONE_ACCOUNT", metavar="SLUG",
+              help="Account of a token given by FIREZONE_TOKEN / --token-file, to show its user in `status`.")
+@_control_option
+@click.pass_obj
+def up(app: AppContext, token_file: Path | None, dns_control: str, external_id: str | None, name: str | None,
+       port: int, account: str | None, control_socket: Path | None) -> None:
+    """Connect this device: TUN tun-firezone, routes, DNS, tunnels on demand (foreground).
+
+    The token is FIREZONE_TOKEN, else --token-file, else the sign-in stored by
+    `fz client login`. Resources are reached on first use: the client asks the portal for
+    access, holds the packets, connects to the gateway and sends them. Ctrl-C / SIGTERM stops
+    and restores the resolver configuration; SIGHUP reconnects to the portal.
+
+    \b
+    Examples:
+      fz client up
+      FIREZONE_TOKEN=... fz --portal https://portal.example.com client up --dns-control none
+    """
+    from firezone.roles.client import ClientFailure, ClientRole
+    from firezone.runtime import driver
+    from firezone.runtime.control_socket import ControlSocketError
+
+    sign_in = load_sign_in(token_file)
+    if sign_in is None:
+        raise CliError("not signed in: run `fz client login --portal URL --account SLUG`, or give a token "
+                       "with FIREZONE_TOKEN or --token-file")
+    portal = app.config.get("portal") or sign_in.get("portal")
+    if not portal:
+        raise CliError("no portal URL: pass --portal URL (before `client`) or set portal_url in the config")
+    if os.geteuid() != 0:
+        raise CliError("fz client up needs root (TUN device, routes, resolver configuration)")
+    account = account or sign_in.get("account")
+    if account and not sign_in.get("actor_email"):
+        sign_in = {**sign_in, **_who(str(portal), str(account), str(sign_in["token"]))}
+    role = ClientRole(str(portal), str(sign_in["token"]), external_id=_client_id(external_id),
+                      name=name or socket.gethostname(), dns_control_mode=dns_control, port=port,
+                      control_path=_control_path(control_socket), sign_in=sign_in)
+    try:
+        driver.run(role.run())
+    except (ClientFailure, ControlSocketError) as e:
+        raise CliError(str(e)) from None
+
+
+def _who(portal: str, account: str, token: str) -> dict[str, Any]:
+    """The user a token speaks for (best effort: the client runs without it)."""
+    from firezone.portal.api_client import ApiError
+
+    try:
+        info = _session_call(portal, account, token, "GET")["data"]
+    except (ApiError, OSError, KeyError, TypeError) as e:
+        logging.getLogger(__name__).debug("cannot ask the portal who the token is", extra={"error": str(e)})
+        return {"account": account}
+    return {"account": account, "actor_name": info["actor"]["name"], "actor_email": info["actor"]["email"]}
+
+
+def _ask(control_socket: Path | None, cmd: str) -> dict[str, Any]:
+    from firezone.runtime.control_socket import ControlSocketError, query
+
+    try:
+        answer = query(_control_path(control_socket), {"cmd": cmd})
+    except ControlSocketError as e:
+        raise CliError(f"{e}; start it with `fz client up`") from None
+    if "error" in answer:
+        raise CliError(str(answer["error"]))
+    return answer
+
+
+def _resource_rows(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"name": r["name"], "type": r["type"], "address": r.get("address") or "-",
+             "site": (r.get("site") or {}).get("name") or "-", "status": r["status"]} for r in resources]
+
+
+@client.command("status")
+@_control_option
+@click.pass_obj
+def status(app: AppContext, control_socket: Path | None) -> None:
+    """Show the running client: user, resources with site and status, gateway connections."""
+    st = _ask(control_socket, "status")
+    if app.json:
+        app.emit(st)
+        return
+    user = st.get("user") or {}
+    who = user.get("email") or user.get("name") or f"token from {user.get('source') or '?'}"
+    portal = st.get("portal") or {}
+    iface = st.get("interface") or {}
+    app.console.print(f"Signed in as [bold]{who}[/bold]; portal {portal.get('url')} "
+                      f"({'connected' if portal.get('connected') else 'reconnecting'}); "
+                      f"tunnel {iface.get('ipv4') or '-'} {iface.get('ipv6') or ''}", highlight=False)
+    app.table(_resource_rows(st.get("resources") or []), ["name", "type", "address", "site", "status"],
+              title="Resources")
+    conns = [{"gateway": c["gateway_id"], "site": c.get("site_name") or c.get("site_id") or "-",
+              "state": c["state"], "path": c.get("path") or "-",
+              "rtt_ms": "-" if c.get("rtt_ms") is None else c["rtt_ms"],
+              "rx_bytes": c.get("rx_bytes", 0), "tx_bytes": c.get("tx_bytes", 0)} for c in st.get("connections") or []]
+    app.table(conns, ["gateway", "site", "state", "path", "rtt_ms", "rx_bytes", "tx_bytes"], title="Connections")
+
+
+@client.command("resources")
+@_control_option
+@click.pass_obj
+def resources(app: AppContext, control_socket: Path | None) -> None:
+    """List the resources this client may use, with their site and status."""
+    res = _ask(control_socket, "resources")["resources"]
+    if app.json:
+        app.emit(res)
+        return
+    app.table(_resource_rows(res), ["name", "type", "address", "site", "status"])

@@ -1,0 +1,403 @@
+"""End-to-end scenarios of ACCEPTANCE.md: real portal, relays, gateway and client in a lab."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from firezone.lab import Lab
+from tests.e2e.fz_lab_system import FZ, FzSystem, run_system
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+SITE = "lab"
+USER = "alice@acme.test"
+GROUP = "engineering"
+
+
+@pytest.fixture
+def fz(lab: Lab, tmp_path: Path) -> Iterator[FzSystem]:
+    yield from run_system(lab, tmp_path)
+
+
+def _base(fz: FzSystem) -> None:
+    fz.start_portal()
+    fz.start_relays()
+    fz.admin("site", "add", SITE)
+    fz.start_gateway("gateway-1", site=SITE)
+    fz.admin("group", "add", GROUP)
+    fz._groups.add(GROUP)
+
+
+def _one_resource(fz: FzSystem, name: str, address: str, *filters: str) -> str:
+    args = [a for f in filters for a in ("--filter", f)]
+    fz.admin("resource", "add", name, "--site", SITE, "--address", address, *args)
+    return str(fz.admin("policy", "add", "--group", GROUP, "--resource", name)["id"])
+
+
+def test_direct_curl(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    _one_resource(fz, "resource-net-v6", "2001:db8:51::/64")
+    # No policy for this one: default deny.
+    fz.admin("resource", "add", "alias", "--site", SITE, "--address", "alias.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+
+    r = fz.curl("client", "http://198.51.100.10/")
+    assert r.returncode == 0, f"curl failed: {r.stderr}\n{fz.tails()}"
+    assert r.stdout.strip() == "http", r.stdout
+    r6 = fz.curl("client", "http://[2001:db8:51::10]/")
+    assert r6.returncode == 0, f"curl -6 failed: {r6.stderr}\n{fz.tails()}"
+    assert r6.stdout.strip() == "http", r6.stdout
+
+    # ICE may nominate a relayed pair first and move to the direct one a moment later.
+    fz.wait(lambda: [c.get("path") for c in (fz.status("client") or {}).get("connections", [])] == ["direct"],
+            10, "a direct path")
+    st = fz.status("client")
+    assert st is not None
+    (conn,) = st["connections"]
+    assert conn["state"] == "connected" and conn["path"] == "direct", conn
+    assert conn["rx_bytes"] > 0 and conn["tx_bytes"] > 0, conn
+    assert st["user"]["email"] == USER, st["user"]
+    res = {r["name"]: r for r in st["resources"]}
+    assert res["resource-net"]["status"] == "online", res
+    assert res["resource-net"]["site"]["name"] == SITE
+    # The resource without a policy is never offered to the client ...
+    assert "alias" not in res
+    # ... so its name is not answered from the proxy range, and nothing reaches it.
+    dig = fz.lab.exec("client", ["dig", "+short", "+time=3", "alias.httpbin.test"], check=False)
+    assert not any(a.startswith("100.96.") for a in dig.stdout.split()), dig.stdout
+    assert fz.curl("client", "http://alias.httpbin.test/", timeout=5).returncode != 0
+    # The portal's policy engine denies it (exit 3); the audit log holds only allowed accesses.
+    explain = fz.lab.exec("portal", [*FZ, "--portal", fz.portal_url, "policy", "explain", "--user", USER,
+                                     "--resource", "alias"], env=fz.env, check=False)
+    assert explain.returncode == 3, explain.stdout + explain.stderr
+    audit = fz.audit()
+    assert audit and all(a.get("result") == "allow" for a in audit), audit
+
+    # One flow-log line per flow on the gateway (TCP: once both FINs were seen, plus 5 s).
+    fz.wait(lambda: any(r.get("msg") == "TCP flow completed" and r.get("inner_dst_ip") == "198.51.100.10"
+                        for r in fz.log_records("gateway-1")), 15, "the gateway's flow log line")
+
+    resolv_before = fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
+    assert "100.100.111.1" in resolv_before
+    fz.stop("client")
+    assert "100.100.111.1" not in fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
+    assert fz.lab.exec("gateway-1", ["nft", "list", "table", "inet", "firezone"], check=False).returncode == 0
+    fz.stop("gateway-1")
+    assert fz.lab.exec("gateway-1", ["nft", "list", "table", "inet", "firezone"], check=False).returncode != 0
+    fz.assert_clean_logs()
+
+
+@pytest.mark.parametrize("lab", [{"nat": "symmetric"}], indirect=True)
+def test_relayed_curl(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    r = fz.curl("client", "http://198.51.100.10/")
+    assert r.returncode == 0, f"curl failed: {r.stderr}\n{fz.tails()}"
+    assert r.stdout.strip() == "http"
+    st = fz.status("client")
+    assert st is not None
+    (conn,) = st["connections"]
+    assert conn["state"] == "connected" and conn["path"] == "relayed", conn
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_dns_resource(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "dns-host", "dns.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    dig = fz.lab.exec("client", ["dig", "+short", "+time=3", "+tries=2", "dns.httpbin.test", "A"], check=False)
+    assert dig.returncode == 0, dig.stderr
+    addrs = dig.stdout.split()
+    assert addrs and all(a.startswith("100.96.") for a in addrs), dig.stdout
+    # A name that is no resource resolves to its real address through the system's resolver.
+    public = fz.lab.exec("client", ["dig", "+short", "+time=3", "portal.example.test", "A"], check=False)
+    assert public.stdout.split() == [fz.lab.addr("portal", 4)], public.stdout
+    r = fz.curl("client", "http://dns.httpbin.test/")
+    assert r.returncode == 0, f"curl failed: {r.stderr}\n{fz.tails()}"
+    assert r.stdout.strip() == "dns-host", r.stdout
+    # The stub answers over TCP too, for resource and non-resource names.
+    tcp = fz.lab.exec("client", ["dig", "+tcp", "+short", "+time=3", "dns.httpbin.test", "A"], check=False)
+    assert sorted(tcp.stdout.split()) == sorted(addrs), tcp.stdout
+    tcp = fz.lab.exec("client", ["dig", "+tcp", "+short", "+time=3", "portal.example.test", "A"], check=False)
+    assert tcp.stdout.split() == [fz.lab.addr("portal", 4)], tcp.stdout
+
+    # SIGHUP: the client reconnects to the portal and the resource keeps (or comes back to) working.
+    import signal
+
+    fz.procs["client"].send_signal(signal.SIGHUP)
+    fz.wait(lambda: sum(r.get("msg") == "connected to the portal" for r in fz.log_records("client")) >= 2, 15,
+            "the client to reconnect after SIGHUP")
+    fz.wait(lambda: fz.curl("client", "http://dns.httpbin.test/", timeout=3).stdout.strip() == "dns-host", 30,
+            "the DNS resource to work after the reconnect")
+
+    before = fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
+    assert "nameserver 100.100.111.1" in before
+    fz.stop("client")
+    after = fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
+    assert "100.100.111.1" not in after and "nameserver" in after, after
+    fz.assert_clean_logs()
+
+
+def test_policy_revoke(fz: FzSystem) -> None:
+    _base(fz)
+    policy = _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/").returncode == 0
+    fz.admin("policy", "remove", policy)
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=2).returncode != 0, 10,
+            "access cut after the policy was removed")
+    assert any(r.get("msg") == "access revoked" for r in fz.log_records("gateway-1"))
+    fz.admin("policy", "add", "--group", GROUP, "--resource", "resource-net")
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=3).returncode == 0, 20,
+            "access back after the policy was re-added")
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_filters(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24", "tcp/80")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/").stdout.strip() == "http"
+    import time
+
+    t0 = time.monotonic()
+    r = fz.curl("client", "http://198.51.100.10:8080/", timeout=10)
+    took = time.monotonic() - t0
+    assert r.returncode != 0 and took < 5, (r.returncode, r.stderr, took)
+    # The refusal was the gateway's ICMP "administratively prohibited" for this resource's filter.
+    refused = [x for x in fz.log_records("gateway-1")
+               if x.get("msg") == "packet refused" and x.get("verdict") == "prohibited" and x.get("resource_id")]
+    assert refused, fz.log_text("gateway-1")[-3000:]
+    t0 = time.monotonic()
+    d = fz.lab.exec("client", ["dig", "+tries=1", "+time=8", "@198.51.100.53", "http.httpbin.test"], check=False)
+    took = time.monotonic() - t0
+    assert d.returncode != 0 and took < 5, (d.stdout, took)
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+@pytest.mark.parametrize("lab", [{"nat": "symmetric"}], indirect=True)
+def test_single_relay(fz: FzSystem) -> None:
+    fz.start_portal()
+    fz.start_relays(("relay-1",))
+    fz.admin("site", "add", SITE)
+    fz.start_gateway("gateway-1", site=SITE)
+    fz.admin("group", "add", GROUP)
+    fz._groups.add(GROUP)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    r = fz.curl("client", "http://198.51.100.10/")
+    assert r.returncode == 0, f"curl failed: {r.stderr}\n{fz.tails()}"
+    st = fz.status("client")
+    assert st is not None and [c["path"] for c in st["connections"]] == ["relayed"], st
+    assert len(st["relays"]) == 1, st["relays"]
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_token_expiry(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,), expires="15")
+    assert fz.curl("client", "http://198.51.100.10/").returncode == 0
+    proc = fz.procs["client"]
+    fz.wait(lambda: proc.poll() is not None, 40, "the client to stop after its token expired")
+    assert proc.returncode == 1
+    text = fz.log_text("client")
+    assert "token_expired" in text and "the portal ended the session" in text, text[-2000:]
+    # It cleaned up after itself: resolver configuration back, no TUN left.
+    assert "100.100.111.1" not in fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
+    assert "tun-firezone" not in fz.lab.exec("client", ["ip", "link"]).stdout
+    fz.assert_clean_logs()
+
+
+def test_gateway_failover(fz: FzSystem) -> None:
+    import time
+
+    _base(fz)
+    fz.start_gateway("gateway-2", site=SITE)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/").returncode == 0
+    st = fz.status("client")
+    assert st is not None
+    (conn,) = st["connections"]
+    listed = fz.admin("gateway", "list")
+    assert conn["gateway_id"] in {g["id"] for g in listed}, listed
+    in_use = next(n for n in ("gateway-1", "gateway-2")
+                  if any(r.get("msg") == "client connected" for r in fz.log_records(n)))
+    fz.stop(in_use)
+    t0 = time.monotonic()
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=2).returncode == 0, 30,
+            "the other gateway to serve the client")
+    took = time.monotonic() - t0
+    other = "gateway-2" if in_use == "gateway-1" else "gateway-1"
+    assert any(r.get("msg") == "client connected" for r in fz.log_records(other))
+    assert took < 20, took
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_portal_down_and_restart(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    _one_resource(fz, "dns-host", "dns.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/").returncode == 0
+    assert fz.curl("client", "http://dns.httpbin.test/").stdout.strip() == "dns-host"
+    # portal-down: established access keeps working without the control plane.
+    fz.stop("portal")
+    assert fz.curl("client", "http://198.51.100.10/").stdout.strip() == "http"
+    assert fz.curl("client", "http://dns.httpbin.test/").stdout.strip() == "dns-host"
+    # portal-restart: client and gateway reconnect by themselves; a new resource then works.
+    fz.start_portal()
+    for node in ("client", "gateway-1"):
+        fz.wait(lambda n=node: sum(r.get("msg") == "connected to the portal" for r in fz.log_records(n)) >= 2,
+                60, f"{node} to reconnect to the restarted portal")
+    fz.admin("resource", "add", "iperf-host", "--site", SITE, "--address", "198.51.100.30/32")
+    fz.admin("policy", "add", "--group", GROUP, "--resource", "iperf-host")
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.30/", timeout=3).stdout.strip() == "iperf3", 30,
+            "the new resource to work")
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def _download(fz: FzSystem, size: int, timeout: float) -> None:
+    import hashlib
+
+    url = f"http://198.51.100.21/bytes/{size}"
+    r = fz.lab.exec("client", ["curl", "-sS", "-m", str(timeout), "-D", "/dev/stderr", "-o", "/dev/stdout", url],
+                    check=False, timeout=timeout + 10, text=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    headers = r.stderr.decode(errors="replace").lower()
+    want = next(line.split(":", 1)[1].strip() for line in headers.splitlines() if line.startswith("x-sha256:"))
+    assert len(r.stdout) == size
+    assert hashlib.sha256(r.stdout).hexdigest() == want
+
+
+@pytest.mark.parametrize("lab", [{"nat": "symmetric"}], indirect=True)
+def test_download_relayed(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    _download(fz, 10 * 1024 * 1024, 60)
+    st = fz.status("client")
+    assert st is not None and [c["path"] for c in st["connections"]] == ["relayed"], st
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+@pytest.mark.parametrize("lab", [{"loss": 20.0}], indirect=True)
+def test_download_packet_loss(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    # The first packets may be lost too: retry the connection setup a few times.
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=5).returncode == 0, 60, "first contact")
+    _download(fz, 10 * 1024 * 1024, 180)
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+@pytest.mark.parametrize("lab", [{"nat": "symmetric"}], indirect=True)
+def test_relay_restart(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/").returncode == 0
+    for node in ("relay-1", "relay-2"):
+        fz.stop(node)
+    fz.wait(lambda: not fz.admin("relay", "list"), 20, "the relays to leave")
+    fz.start_relays()  # new secrets, new relay ids
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=3).returncode == 0, 60,
+            "the relayed connection to recover")
+    fz.wait(lambda: [c.get("path") for c in (fz.status("client") or {}).get("connections", [])] == ["relayed"],
+            10, "a relayed path")
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def _dig(fz: FzSystem, name: str, *extra: str) -> list[str]:
+    r = fz.lab.exec("client", ["dig", "+short", "+time=3", "+tries=2", *extra, name, "A"], check=False)
+    return r.stdout.split()
+
+
+def _proxied(addrs: list[str]) -> bool:
+    return bool(addrs) and all(a.startswith("100.96.") for a in addrs)
+
+
+def test_dns_wildcard(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "one-level", "*.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert _proxied(_dig(fz, "dns.httpbin.test"))
+    assert _proxied(_dig(fz, "httpbin.test"))  # the apex
+    assert not _proxied(_dig(fz, "deep.sub.httpbin.test"))  # two labels deep: not this pattern
+    assert fz.curl("client", "http://dns.httpbin.test/").stdout.strip() == "dns-host"
+    fz.admin("resource", "add", "any-depth", "--site", SITE, "--address", "**.sub.httpbin.test")
+    fz.admin("policy", "add", "--group", GROUP, "--resource", "any-depth")
+    fz.wait(lambda: _proxied(_dig(fz, "deep.sub.httpbin.test")), 15, "the ** resource to match")
+    assert _proxied(_dig(fz, "sub.httpbin.test"))
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_dns_two_resources(fz: FzSystem) -> None:
+    import concurrent.futures
+
+    _base(fz)
+    _one_resource(fz, "dns-host", "dns.httpbin.test")
+    _one_resource(fz, "download", "download.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a = pool.submit(fz.curl, "client", "http://dns.httpbin.test/")
+        b = pool.submit(fz.curl, "client", "http://download.httpbin.test/")
+        assert a.result().stdout.strip() == "dns-host", a.result()
+        assert b.result().stdout.strip() == "download", b.result()
+    # Two names, two sets of proxy IPs, each mapped to its own real address by the gateway.
+    assert set(_dig(fz, "dns.httpbin.test")).isdisjoint(_dig(fz, "download.httpbin.test"))
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_dns_shared_ip(fz: FzSystem) -> None:
+    _base(fz)
+    # download. and alias. resolve to the same real address (198.51.100.21) at the gateway.
+    _one_resource(fz, "download", "download.httpbin.test", "tcp/80")
+    _one_resource(fz, "alias", "alias.httpbin.test", "tcp/8080")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://download.httpbin.test/").stdout.strip() == "download"
+    assert fz.curl("client", "http://alias.httpbin.test:8080/").stdout.strip() == "download"
+    # What one name allows does not leak to the other although the real IP is the same.
+    assert fz.curl("client", "http://download.httpbin.test:8080/", timeout=5).returncode != 0
+    assert fz.curl("client", "http://alias.httpbin.test/", timeout=5).returncode != 0
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_conditions(fz: FzSystem) -> None:
+    _base(fz)
+    fz.admin("resource", "add", "resource-net", "--site", SITE, "--address", "198.51.100.0/24")
+    # The client's remote IP (its router's public address) is not in this range: the condition fails.
+    fz.admin("policy", "add", "--group", GROUP, "--resource", "resource-net", "--condition",
+             "remote_ip in 192.0.2.0/24")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/", timeout=5).returncode != 0
+    explain = fz.lab.exec("portal", [*FZ, "--json", "--portal", fz.portal_url, "policy", "explain", "--user", USER,
+                                     "--resource", "resource-net", "--from-ip", fz.lab.addr("client-router", 4)],
+                          env=fz.env, check=False)
+    assert explain.returncode == 3, explain.stdout + explain.stderr
+    assert "remote_ip" in explain.stdout, explain.stdout
+    # The portal offers a client only the resources its policies allow now, so the client never
+    # learns of this one (and never asks for it).
+    st = fz.status("client")
+    assert st is not None and st["resources"] == [], st["resources"]
+    fz.stop("client")
+    fz.assert_clean_logs()
