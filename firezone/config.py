@@ -12,7 +12,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import platformdirs
 
@@ -173,10 +173,10 @@ def _read_file(path: Path) -> dict[str, Any]:
     return _flatten(data)
 
 
-def load(path: Path | None = None, env: dict[str, str] | None = None,
+def load(path: Path | None = None, env: Mapping[str, str] | None = None,
          warn: Callable[[str], None] | None = None) -> Config:
     """Read files and environment into a :class:`Config` (flags are applied by the caller)."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     cfg = Config()
     files = [path] if path is not None else [SYSTEM_CONFIG, user_config_path()]
     if path is not None and not path.exists():
@@ -200,9 +200,9 @@ def load(path: Path | None = None, env: dict[str, str] | None = None,
                 raise ConfigError(f"{f}: key {name!r}: {e}") from None
             cfg.sources[name] = str(f)
     for name, key in KEYS.items():
-        if key.env in env:
+        if key.env in environ:
             try:
-                cfg.values[name] = key.convert(env[key.env])
+                cfg.values[name] = key.convert(environ[key.env])
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"environment {key.env}: {e}") from None
             cfg.sources[name] = f"env {key.env}"

@@ -75,16 +75,24 @@ def lab() -> None:
 @click.option("--loss", type=click.FloatRange(0, 100), default=0.0, show_default=True, metavar="PERCENT",
               help="Drop this share of the packets the client router forwards.")
 @click.option("--prefix", metavar="PREFIX", help="Namespace prefix (default: fz + 4 random hex digits).")
+@click.option("--bare", is_flag=True,
+              help="Only the topology and its services (HTTP, DNS, iperf3): no portal, relays, gateways "
+                   "or client.")
 @click.pass_obj
-def up(app: AppContext, nat: str, loss: float, prefix: str | None) -> None:
-    """Create the lab and start its services (HTTP, dnsmasq, iperf3).
+def up(app: AppContext, nat: str, loss: float, prefix: str | None, bare: bool) -> None:
+    """Create the lab and start the whole fz system in it.
 
-    The lab stays up until `fz lab down`. Example:
+    Starts the portal, relay-1 and relay-2, gateway-1 and gateway-2 of one site and a client,
+    seeds the account (users alice@acme.test and bob@acme.test, groups, the site, a CIDR, a DNS
+    and a wildcard resource with policies), signs the client in as alice and waits until it is
+    connected to the portal. Everything keeps running until `fz lab down`; every component logs
+    to the lab's log directory (`fz lab status` shows it). Example:
 
     \b
-      sudo fz lab up --nat symmetric --loss 5
-      sudo fz lab exec client -- ping -c1 203.0.113.10
-      sudo fz lab exec gateway-1 -- curl http://download.httpbin.test/bytes/100
+      sudo fz lab up
+      sudo fz lab exec client -- curl http://dns.httpbin.test/
+      sudo fz lab exec client -- fz client status
+      sudo fz lab up --bare --nat symmetric --loss 5     (topology only)
       sudo fz lab down
     """
     try:
@@ -92,15 +100,36 @@ def up(app: AppContext, nat: str, loss: float, prefix: str | None) -> None:
         the_lab = Lab.up(prefix=prefix, nat=nat, loss=loss, persistent=True)
     except (LabError, ValueError) as e:
         raise CliError(str(e)) from None
-    data = {**the_lab.status(), "nodes": _node_rows(the_lab)}
+    hints: list[str] = []
+    portal_url = None
+    if not bare:
+        from firezone.lab.system import DEMO_HINTS, start_demo
+
+        def progress(msg: str) -> None:
+            if not app.json:
+                click.echo(f"lab {the_lab.prefix}: {msg}", err=True)
+
+        try:
+            sysm = start_demo(the_lab, progress)
+        except (LabError, OSError) as e:
+            logs = the_lab.log_dir
+            the_lab.down()
+            raise CliError(f"the system did not start, lab removed: {str(e).splitlines()[0]} "
+                           f"(logs were in {logs})") from None
+        portal_url = sysm.portal_url
+        hints = [h.format(portal_url=portal_url) for h in DEMO_HINTS]
+    else:
+        hints = ["fz lab exec client -- ping -c1 203.0.113.10", "fz lab down"]
+    data = {**the_lab.status(), "nodes": _node_rows(the_lab), "log_dir": str(the_lab.log_dir),
+            "portal_url": portal_url, "try": hints}
     if app.json:
         app.emit(data)
         return
     app.table(_node_rows(the_lab), _NODE_COLUMNS, title=f"lab {the_lab.prefix}")
+    what = "the fz system is up" if not bare else "the topology is up"
     app.emit(None, human=(
-        f"lab [bold]{the_lab.prefix}[/bold] is up (NAT {nat}, loss {loss:g} %); "
-        f"state in {the_lab.state_dir}\n"
-        "try: fz lab exec client -- ping -c1 203.0.113.10 ; remove it with: fz lab down"))
+        f"lab [bold]{the_lab.prefix}[/bold]: {what} (NAT {nat}, loss {loss:g} %); "
+        f"logs in {the_lab.log_dir}\ntry:\n" + "\n".join(f"  {h}" for h in hints)))
 
 
 @lab.command("status")
@@ -134,6 +163,7 @@ def status(app: AppContext, prefix: str | None) -> None:
             "namespaces": f"{sum(ns.values())}/{len(ns)}",
             "processes": f"{sum(p['alive'] for p in procs)}/{len(procs)} alive",
             "owner": "fz lab up" if st["persistent"] else ("gone (stale)" if st["stale"] else "a test run"),
+            "logs": str(Lab.load(st["prefix"]).log_dir),
         })
     app.table(rows, list(rows[0].keys()))
 
@@ -170,7 +200,14 @@ def exec_(prefix: str | None, node: str, command: tuple[str, ...]) -> None:
         command = command[1:]
     if not command:
         raise click.UsageError("missing COMMAND")
-    argv = _pick(prefix).command(node, list(command))
+    the_lab = _pick(prefix)
+    argv = the_lab.command(node, list(command))
+    from firezone.lab.system import control_socket_path
+
+    # So a bare `fz client status` in the lab's client talks to the lab's client, not the host's.
+    sock = control_socket_path(the_lab, node)
+    if sock.exists() and "FIREZONE_CONTROL_SOCKET" not in os.environ:
+        os.environ["FIREZONE_CONTROL_SOCKET"] = str(sock)
     sys.stdout.flush()
     sys.stderr.flush()
     # Replace this process, so signals (Ctrl-C, kill) and the exit status are the command's own.

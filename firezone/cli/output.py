@@ -17,11 +17,9 @@ from firezone import config as config_mod
 class CliError(click.ClickException):
     """A user-facing failure: printed as one line on stderr, exit code 1."""
 
-    exit_code = 1
-
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class
 
     def show(self, file: Any = None) -> None:
         click.echo(f"fz: error: {self.format_message()}", err=True)

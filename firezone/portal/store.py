@@ -17,11 +17,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, cast
 
 from firezone.portal import tokens
 from firezone.portal.db.api import Database, IntegrityError, Row
-from firezone.portal.domain import policies, resources
+from firezone.portal.domain import policies as engine
+from firezone.portal.domain import resources
 from firezone.portal.errors import Conflict, Invalid, NotFound, Unauthorized
 from firezone.runtime.rng import SYSTEM_RNG
 
@@ -448,7 +449,7 @@ class Store:
     def _validated_resource(self, account_id: str, data: dict[str, Any]) -> dict[str, Any]:
         try:
             return dict(resources.validate_resource(
-                type=data.get("type"), address=data.get("address"), name=data.get("name"),
+                type=data.get("type"), address=data.get("address"), name=cast(str, data.get("name")),
                 address_description=data.get("address_description"), filters=data.get("filters") or []))
         except resources.ValidationError as e:
             raise Invalid(e.field, e.message) from None
@@ -545,7 +546,7 @@ class Store:
         out = []
         for i, c in enumerate(conditions):
             try:
-                out.append(policies.validate_condition(c))
+                out.append(engine.validate_condition(c))
             except resources.ValidationError as e:
                 field = e.field if e.field.startswith("conditions") else f"conditions[{i}].{e.field}"
                 raise Invalid(field, e.message) from None
@@ -636,18 +637,18 @@ class Store:
 
     # -- decisions ------------------------------------------------------------------------------
 
-    def candidate_policies(self, actor_id: str, resource_id: str) -> list[policies.PolicyInput]:
+    def candidate_policies(self, actor_id: str, resource_id: str) -> list[engine.PolicyInput]:
         """Policies of the resource whose group the actor belongs to (disabled ones included)."""
         rows = self.db.fetchall(
             "SELECT p.id, p.group_id, p.resource_id, p.conditions, p.disabled, p.description FROM policies p "
             "JOIN memberships m ON m.group_id = p.group_id WHERE p.resource_id = :r AND m.actor_id = :u",
             {"r": resource_id, "u": actor_id})
-        return [policies.PolicyInput(id=r["id"], group_id=r["group_id"], resource_id=r["resource_id"],
+        return [engine.PolicyInput(id=r["id"], group_id=r["group_id"], resource_id=r["resource_id"],
                                      conditions=tuple(json.loads(r["conditions"])), disabled=bool(r["disabled"]),
                                      description=r["description"]) for r in rows]
 
-    def decide(self, actor_id: str, resource_id: str, ctx: policies.EvalContext) -> policies.Decision:
-        return policies.evaluate(self.candidate_policies(actor_id, resource_id), ctx)
+    def decide(self, actor_id: str, resource_id: str, ctx: engine.EvalContext) -> engine.Decision:
+        return engine.evaluate(self.candidate_policies(actor_id, resource_id), ctx)
 
     def accessible_resource_ids(self, actor_id: str) -> set[str]:
         """Resources some enabled policy of the actor's groups names (conditions not yet applied)."""

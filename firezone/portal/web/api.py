@@ -387,9 +387,10 @@ async def delete_resource(c: Ctx) -> Any:
 _CONDITION = {"type": "object", "required": ["property", "operator", "values"], "properties": {
     "property": {"type": "string", "enum": ["remote_ip", "provider_id", "current_utc_datetime", "client_verified"]},
     "operator": {"type": "string"}, "values": {"type": "array", "items": {"type": "string"}}}}
-_POLICY_BODY = {"type": "object", "required": ["group", "resource"], "properties": {
+_POLICY_PROPERTIES: dict[str, Any] = {
     "group": {"type": "string"}, "resource": {"type": "string"}, "description": {"type": "string"},
-    "conditions": {"type": "array", "items": _CONDITION}, "disabled": {"type": "boolean"}}}
+    "conditions": {"type": "array", "items": _CONDITION}, "disabled": {"type": "boolean"}}
+_POLICY_BODY = {"type": "object", "required": ["group", "resource"], "properties": _POLICY_PROPERTIES}
 
 
 @route("GET", "/policies", "List policies", tag="policies", response="Policy", list_=True,
@@ -471,7 +472,7 @@ async def get_policy(c: Ctx) -> Any:
 
 
 @route("PATCH", "/policies/{id}", "Update a policy", tag="policies", response="Policy",
-       body={"type": "object", "properties": {k: v for k, v in _POLICY_BODY["properties"].items()
+       body={"type": "object", "properties": {k: v for k, v in _POLICY_PROPERTIES.items()
                                               if k in ("description", "conditions", "disabled")}})
 async def update_policy(c: Ctx) -> Any:
     d = await c.body()

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
-METRICS = web.AppKey("metrics", "PortalMetrics")
 MAX_BODY = web.AppKey("max_body", int)
 
 
@@ -35,6 +34,9 @@ class PortalMetrics:
                                  registry=self.registry)
         self.decisions = Counter("fz_portal_policy_decisions", "Policy decisions", ["result"], registry=self.registry)
         self.sessions = Gauge("fz_portal_sessions", "Connected WebSocket sessions", ["kind"], registry=self.registry)
+
+
+METRICS = web.AppKey("metrics", PortalMetrics)
 
 
 def problem(status: int, title: str, detail: str, errors: list[dict[str, str]] | None = None,
@@ -67,7 +69,7 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
         status = e.status
         headers = {"WWW-Authenticate": 'Bearer realm="fz"'} if isinstance(e, Unauthorized) else None
         return problem(e.status, e.title, e.detail, e.errors, headers)
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge:
         status = 413
         return problem(413, "Content Too Large", f"request body is larger than {request.app[MAX_BODY]} bytes")
     except web.HTTPException as e:
