@@ -142,7 +142,8 @@ def status(app: AppContext, prefix: str | None) -> None:
     labs = []
     for p in prefixes:
         try:
-            labs.append(Lab.load(p).status())
+            one = Lab.load(p)
+            labs.append({**one.status(), "log_dir": str(one.log_dir)})
         except LabError as e:
             raise CliError(str(e)) from None
     if app.json:
@@ -163,7 +164,7 @@ def status(app: AppContext, prefix: str | None) -> None:
             "namespaces": f"{sum(ns.values())}/{len(ns)}",
             "processes": f"{sum(p['alive'] for p in procs)}/{len(procs)} alive",
             "owner": "fz lab up" if st["persistent"] else ("gone (stale)" if st["stale"] else "a test run"),
-            "logs": str(Lab.load(st["prefix"]).log_dir),
+            "logs": st["log_dir"],
         })
     app.table(rows, list(rows[0].keys()))
 
@@ -202,12 +203,11 @@ def exec_(prefix: str | None, node: str, command: tuple[str, ...]) -> None:
         raise click.UsageError("missing COMMAND")
     the_lab = _pick(prefix)
     argv = the_lab.command(node, list(command))
-    from firezone.lab.system import control_socket_path
+    from firezone.lab.system import exec_env
 
-    # So a bare `fz client status` in the lab's client talks to the lab's client, not the host's.
-    sock = control_socket_path(the_lab, node)
-    if sock.exists() and "FIREZONE_CONTROL_SOCKET" not in os.environ:
-        os.environ["FIREZONE_CONTROL_SOCKET"] = str(sock)
+    # So `fz client status` / `fz policy list` in the lab talk to the lab's client and portal.
+    for k, v in exec_env(the_lab, node).items():
+        os.environ.setdefault(k, v)
     sys.stdout.flush()
     sys.stderr.flush()
     # Replace this process, so signals (Ctrl-C, kill) and the exit status are the command's own.

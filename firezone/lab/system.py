@@ -51,7 +51,7 @@ DEMO_HINTS = (
     "fz lab exec client -- curl http://198.51.100.10/",
     "fz lab exec client -- curl http://download.httpbin.test/bytes/100",
     "fz lab exec client -- fz client status",
-    "fz lab exec portal -- fz --portal {portal_url} policy list    (admin commands: run them in the portal)",
+    "fz lab exec portal -- fz policy explain --user bob@acme.test --resource dns-host   (admin commands)",
     "fz lab status",
     "fz lab down",
 )
@@ -85,6 +85,26 @@ def isolated_env(root: Path) -> dict[str, str]:
 def control_socket_path(lab: Lab, node: str) -> Path:
     """Where the client on ``node`` listens for ``fz client status`` (``fz lab exec`` points there)."""
     return lab.state_dir / f"{node}.client.sock"
+
+
+def exec_env(lab: Lab, node: str) -> dict[str, str]:
+    """Environment for a command run in ``node`` by ``fz lab exec`` when the system is up there:
+    in the client, ``fz client status`` finds the lab's client; in the portal, admin commands
+    (``fz policy list``) use the admin token and the portal of ``fz lab up``."""
+    env: dict[str, str] = {}
+    sock = control_socket_path(lab, node)
+    if sock.exists():
+        env["FIREZONE_CONTROL_SOCKET"] = str(sock)
+    admin = lab.state_dir / "system" / "admin"
+    if node == "portal" and admin.is_dir():
+        env.update({
+            "XDG_CONFIG_HOME": str(admin / "config"),
+            "XDG_DATA_HOME": str(admin / "data"),
+            "XDG_STATE_HOME": str(admin / "state"),
+            "FIREZONE_CREDENTIALS": "file",
+            "FIREZONE_PORTAL": f"http://{lab.addr('portal', 4)}:{PORTAL_PORT}",
+        })
+    return env
 
 
 class FzSystem:
@@ -270,4 +290,6 @@ def start_demo(lab: Lab, progress: Callable[[str], None] = lambda _msg: None) ->
         sysm.start_gateway(node, site=DEMO_SITE)
     progress("starting the client, signed in as alice@acme.test")
     sysm.start_client("client", user=DEMO_USERS[0][0])
+    sysm.wait(lambda: bool(((sysm.status("client", check=False) or {}).get("portal") or {}).get("connected")),
+              30, "the client connected to the portal", proc="client")
     return sysm

@@ -422,7 +422,7 @@ def fz(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_cli_up_status_exec_down(_lab_janitor: None) -> None:
     prefix = "fzc" + secrets.token_hex(3)
     try:
-        r = fz("--json", "lab", "up", "--prefix", prefix, "--nat", "symmetric", "--loss", "5")
+        r = fz("--json", "lab", "up", "--bare", "--prefix", prefix, "--nat", "symmetric", "--loss", "5")
         assert r.returncode == 0, r.stderr
         up = json.loads(r.stdout)
         assert up["prefix"] == prefix and up["persistent"] is True
