@@ -7,7 +7,6 @@ directory and ``FIREZONE_CREDENTIALS=file``, so nothing of the invoking user is 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from firezone.lab.system import isolated_env  # noqa: F401  (re-exported for the tests)
+
 FZ = [sys.executable, "-m", "firezone"]
 ADMIN_EMAIL = "admin@example.com"
 
@@ -30,25 +31,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def isolated_env(root: Path) -> dict[str, str]:
-    """The caller's environment without FIREZONE_* settings, with every user directory under root."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIREZONE_")}
-    for name in ("home", "config", "data", "state", "cache"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    env.update({
-        "HOME": str(root / "home"),
-        "XDG_CONFIG_HOME": str(root / "config"),
-        "XDG_DATA_HOME": str(root / "data"),
-        "XDG_STATE_HOME": str(root / "state"),
-        "XDG_CACHE_HOME": str(root / "cache"),
-        "FIREZONE_CREDENTIALS": "file",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-        "COLUMNS": "250",
-        "NO_COLOR": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
 
 
 @dataclass
