@@ -68,8 +68,13 @@ def test_nodes_connect_on_the_path_the_nat_allows(lab: Lab, tmp_path: Path, path
         assert r.returncode == 0 and " 3 received" in r.stdout, r.stdout + r.stderr
         c_ev = pair.client.wait_event(_established, 5)
         g_ev = pair.gateway.wait_event(_established, 5)
-        assert c_ev["path"] in paths, c_ev
-        assert g_ev["path"] in paths, g_ev
+        # ICE may first nominate a relay pair and switch once a direct check succeeds (a check that
+        # reaches a NAT before the other side opened the mapping is retried 250 ms later).
+        for peer, ev in ((pair.client, c_ev), (pair.gateway, g_ev)):
+            if ev["path"] not in paths:
+                moved = peer.wait_event(
+                    lambda e: e.get("event") == "path_changed" and e.get("path") in paths, 10)
+                assert moved["path"] in paths, moved
         assert f"connected {c_ev['path']} {c_ev['rtt']}" in pair.client.lines
 
         # gateway -> client over the same connection
@@ -100,7 +105,7 @@ def test_nodes_connect_on_the_path_the_nat_allows(lab: Lab, tmp_path: Path, path
             assert all(e["path"] in paths for e in p.events if e["event"] == "path_changed")
         pair.client.send({"cmd": "stats"})
         stats = pair.client.wait_event(lambda e: e["event"] == "stats", 5)
-        assert stats["conn"]["path"] == c_ev["path"], stats
+        assert stats["conn"]["path"] in paths, stats
         assert stats["conn"]["rx_bytes"] >= TRANSFER_BYTES, stats
 
         # idle: the one timer follows poll_timeout() and does not spin
