@@ -521,6 +521,57 @@ def group_remove_member(app: AppContext, group_ref: str, user_ref: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# fz account
+
+def _account_row(a: dict[str, Any]) -> dict[str, Any]:
+    return {"name": a.get("name"), "slug": a.get("slug"), "search_domain": a.get("search_domain") or "-",
+            "upstream_dns": ", ".join(a.get("upstream_dns") or []) or "- (each machine's own resolvers)",
+            "id": a.get("id")}
+
+
+@click.group(cls=_AdminGroup)
+def account() -> None:
+    """Show or change the account's settings for every client (search domain, DNS resolvers)."""
+
+
+@account.command("show")
+@json_option
+@click.pass_obj
+def account_show(app: AppContext) -> None:
+    """Show the account: name, sign-in slug, search domain and upstream resolvers."""
+    _show(app, _data(_client(app).get("/account")), _account_row)
+
+
+@account.command("set")
+@click.option("--search-domain", metavar="DOMAIN",
+              help="Domain clients append to short names (`gitlab` -> `gitlab.DOMAIN`); '' removes it.")
+@click.option("--upstream-dns", "upstream", metavar="IP[:PORT]", multiple=True,
+              help="Resolver for names that are no resource, instead of each machine's own; repeatable, "
+                   "replaces the list.")
+@click.option("--system-dns", is_flag=True, help="Forget the upstream resolvers: clients use their machine's own.")
+@json_option
+@click.pass_obj
+def account_set(app: AppContext, search_domain: str | None, upstream: tuple[str, ...], system_dns: bool) -> None:
+    """Change client settings; connected clients apply them at once.
+
+    \b
+    fz account set --search-domain corp.example.com
+    fz account set --upstream-dns 192.0.2.53 --upstream-dns [2001:db8::53]:5353
+    fz account set --system-dns --search-domain ''
+    """
+    if upstream and system_dns:
+        raise click.UsageError("--upstream-dns and --system-dns exclude each other")
+    body: dict[str, Any] = {}
+    if search_domain is not None:
+        body["search_domain"] = search_domain or None
+    if upstream or system_dns:
+        body["upstream_dns"] = list(upstream)
+    if not body:
+        raise click.UsageError("nothing to change: give --search-domain, --upstream-dns or --system-dns")
+    _show(app, _data(_client(app).patch("/account", json=body)), _account_row, "updated the account")
+
+
+# ---------------------------------------------------------------------------------------------
 # fz site
 
 @click.group(cls=_AdminGroup)

@@ -555,9 +555,15 @@ def _ask(control_socket: Path | None, cmd: str) -> dict[str, Any]:
     return answer
 
 
+def _status_text(r: dict[str, Any]) -> str:
+    """``forbidden (remote_ip)``: a refusal with the policy conditions that did not hold."""
+    violated = r.get("violated_properties") or []
+    return f"{r['status']} ({', '.join(violated)})" if violated else str(r["status"])
+
+
 def _resource_rows(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": r["name"], "type": r["type"], "address": r.get("address") or "-",
-             "site": (r.get("site") or {}).get("name") or "-", "status": r["status"]} for r in resources]
+             "site": (r.get("site") or {}).get("name") or "-", "status": _status_text(r)} for r in resources]
 
 
 @client.command("status")

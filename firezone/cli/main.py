@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "firezone.cli.completion:completion",
     "firezone.cli.portal:portal",
     "firezone.cli.wg:wg",
+    "firezone.cli.admin:account",
     "firezone.cli.admin:user",
     "firezone.cli.admin:group",
     "firezone.cli.admin:site",

@@ -7,16 +7,18 @@ the same name (Phoenix framing, see ``firezone.proto.phoenix``). The :class:`Hub
 (who is online), the relays each session was given, and the live authorizations
 ``(client, resource) -> gateway``. Flows:
 
-* client join  -> ``init {interface, resources, relays}``; resources are those some policy lets
-  the user reach *now* (conditions evaluated with the session's remote IP, provider, device).
+* client join  -> ``init {interface, resources, relays}``; resources are those some enabled policy
+  of the user's groups names. Conditions (remote IP, provider, time window, verified device) are
+  checked when the client asks for access, so a refusal can name the violated properties.
 * ``request_authorization`` -> policy engine -> a random online gateway of the resource's site
   (one the client already uses first) -> ``create_authorization`` to it -> its
   ``authorization_created`` within 15 s -> ``authorization_created`` to the client; otherwise
   ``authorization_creation_failed {reason: not_found|forbidden|offline}``. Every decision is
   written to the audit log.
-* store changes (resources, policies, memberships, users, tokens) and a 60 s tick re-evaluate
-  what each client may reach: gained resources are pushed, lost ones are deleted on the client
-  and ``reject_access`` is sent to the gateway that served them.
+* store changes (resources, policies, memberships, users, tokens) re-evaluate what each client
+  may reach: gained resources are pushed, lost ones are deleted on the client and
+  ``reject_access`` is sent to the gateway that served them. A 60 s tick revokes authorizations
+  whose expiry (token, end of a time window) has passed.
 * relays join with their secret; every client and gateway holds credentials for two online
   relays, and a relay that leaves is replaced through ``relays_presence``.
 
@@ -365,7 +367,7 @@ class Hub:
             self.clients[s.device_id] = s
             s.joined = True
             s.relay_ids = self._pick_relays([])
-            s.visible = {r["id"]: self._client_resource(r) for r in self._allowed_resources(s)}
+            s.visible = {r["id"]: self._client_resource(r) for r in self._connectable_resources(s)}
             s.reply(ref, True)
             s.push("init", self._client_init(s))
             self._schedule_expiry(s)
@@ -487,14 +489,19 @@ class Hub:
             client_verified=bool(s.device and s.device.get("verified_at")),
             token_expires_at=datetime.fromtimestamp(exp / 1000, UTC) if exp else None)
 
-    def _allowed_resources(self, s: Session, only: set[str] | None = None) -> list[dict[str, Any]]:
+    def _connectable_resources(self, s: Session, only: set[str] | None = None) -> list[dict[str, Any]]:
+        """Resources some enabled policy of the actor's groups names.
+
+        Conditions are not applied here but when the client asks for access: a client whose
+        conditions fail (wrong network, outside the time window) still knows the resource, so its
+        request is refused with the violated properties, audited, and shown to the user. A
+        resource no policy of the user's groups names stays invisible to the client.
+        """
         assert s.actor is not None
         ids = self.store.accessible_resource_ids(s.actor["id"])
         if only is not None:
             ids &= only
-        ctx = self._ctx(s)
-        allowed = [rid for rid in ids if self.store.decide(s.actor["id"], rid, ctx).allowed]
-        return self.store.resources_by_ids(s.account_id or "", allowed)
+        return self.store.resources_by_ids(s.account_id or "", list(ids))
 
     @staticmethod
     def _client_resource(r: dict[str, Any]) -> dict[str, Any]:
@@ -534,7 +541,7 @@ class Hub:
         """Re-evaluate what the client may reach; push the difference; revoke what it lost."""
         if not s.joined or s.closed:
             return
-        allowed = {r["id"]: self._client_resource(r) for r in self._allowed_resources(s, only)}
+        allowed = {r["id"]: self._client_resource(r) for r in self._connectable_resources(s, only)}
         scope = set(s.visible) if only is None else (set(s.visible) & only)
         for rid in scope - set(allowed):
             del s.visible[rid]
@@ -574,6 +581,13 @@ class Hub:
             s.push("authorization_creation_failed", {"resource_id": rid, "reason": "not_found"})
             return
         decision = self.store.decide(s.actor["id"], rid, self._ctx(s))
+        if not decision.allowed and decision.reason in (policies.REASON_NO_POLICY, policies.REASON_DISABLED):
+            # Default deny. The client is told "not_found", as for an unknown id, so a request
+            # does not confirm that a resource it was never offered exists; the audit names it.
+            self.store.record_decision(s.account_id, result="deny", reason="no_policy", actor=s.actor,
+                                       resource=resource, device_id=s.device_id, remote_ip=s.remote_ip)
+            s.push("authorization_creation_failed", {"resource_id": rid, "reason": "not_found"})
+            return
         if not decision.allowed:
             self.store.record_decision(s.account_id, result="deny", reason="forbidden", actor=s.actor,
                                        resource=resource, device_id=s.device_id,

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, cast
 
 from firezone.portal import tokens
 from firezone.portal.db.api import Database, IntegrityError, Row
+from firezone.portal.domain import account as account_settings
 from firezone.portal.domain import policies as engine
 from firezone.portal.domain import resources
 from firezone.portal.errors import Conflict, Invalid, NotFound, Unauthorized
@@ -201,9 +202,19 @@ class Store:
     def account_settings(self, account_id: str) -> dict[str, Any]:
         return dict(json.loads(self.account(account_id)["settings"] or "{}"))
 
-    def update_account_settings(self, account_id: str, **settings: Any) -> dict[str, Any]:
+    def update_account_settings(self, account_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply a partial update (validated; ``None`` / ``[]`` removes a setting); connected
+        clients hear of it through the change feed."""
+        try:
+            valid = account_settings.validate_settings(changes)
+        except resources.ValidationError as e:
+            raise Invalid(e.field, e.message) from None
         cur = self.account_settings(account_id)
-        cur.update({k: v for k, v in settings.items() if v is not None})
+        for key, value in valid.items():
+            if value in (None, []):
+                cur.pop(key, None)
+            else:
+                cur[key] = value
         self.db.execute("UPDATE accounts SET settings = :s WHERE id = :id", {"s": json.dumps(cur), "id": account_id})
         self._emit(Change(account_id, "account", "updated", account_id))
         return cur

@@ -237,3 +237,23 @@ def test_openapi_describes_every_route(served_portal: ServedPortal) -> None:
     for ops in doc["paths"].values():
         for op in ops.values():
             assert op["summary"] and op["responses"]
+
+
+def test_account_client_settings(api: Api, other_account: Api) -> None:
+    a = api.ok("GET", "/account")["data"]
+    assert a["search_domain"] is None and a["upstream_dns"] == []
+    a = api.ok("PATCH", "/account", {"search_domain": "Corp.Example.", "upstream_dns": ["192.0.2.53:5353"]})["data"]
+    assert a["search_domain"] == "corp.example" and a["upstream_dns"] == ["192.0.2.53:5353"]
+    # A partial update keeps the other setting; another account is untouched.
+    a = api.ok("PATCH", "/account", {"upstream_dns": ["2001:db8::53"]})["data"]
+    assert a["search_domain"] == "corp.example" and a["upstream_dns"] == ["2001:db8::53"]
+    assert other_account.ok("GET", "/account")["data"]["search_domain"] is None
+    for body, field in [({"search_domain": "no_such thing"}, "search_domain"),
+                        ({"upstream_dns": ["dns.example"]}, "upstream_dns[0]"),
+                        ({"upstream_dns": "192.0.2.53"}, "upstream_dns"),
+                        ({"slug": "evil"}, "slug")]:
+        code, err, _ = api.call("PATCH", "/account", body)
+        assert code == 422 and field in err["detail"], (body, err)
+    assert api.ok("GET", "/account")["data"]["upstream_dns"] == ["2001:db8::53"]
+    a = api.ok("PATCH", "/account", {"search_domain": None, "upstream_dns": []})["data"]
+    assert a["search_domain"] is None and a["upstream_dns"] == []

@@ -547,3 +547,17 @@ def test_list_follows_next_cursor_past_one_page(served_portal: ServedPortal) -> 
     assert len(users) > MAX_PAGE
     assert len({u["id"] for u in users}) == len(users)
     assert len(served_portal.fz_json("user", "list", "--limit", str(MAX_PAGE + 1))) == MAX_PAGE + 1
+
+
+def test_account_show_and_set(served_portal: ServedPortal) -> None:
+    r = served_portal.fz("--json", "account", "set", "--search-domain", "corp.example", "--upstream-dns", "192.0.2.53")
+    assert json.loads(r.stdout)["search_domain"] == "corp.example"
+    shown = served_portal.fz("account", "show").stdout
+    assert "corp.example" in shown and "192.0.2.53" in shown
+    one_line_error(served_portal.fz("account", "set", "--search-domain", "bad domain", expect=1), "search_domain")
+    one_line_error(served_portal.fz("account", "set", "--upstream-dns", "x.example", expect=1), "upstream_dns[0]")
+    assert "nothing to change" in served_portal.fz("account", "set", expect=2).stderr
+    assert "exclude" in served_portal.fz("account", "set", "--system-dns", "--upstream-dns", "192.0.2.1",
+                                         expect=2).stderr
+    r = served_portal.fz("--json", "account", "set", "--system-dns", "--search-domain", "")
+    assert json.loads(r.stdout)["search_domain"] is None and json.loads(r.stdout)["upstream_dns"] == []

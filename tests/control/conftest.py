@@ -156,6 +156,14 @@ class Peer:
                 return f
             self.inbox.append(f)
 
+    async def expect_nothing(self, event: str, timeout: float) -> None:
+        """Fail if a frame with this event arrives (or is already waiting) within ``timeout``."""
+        try:
+            f = await self.expect(event, timeout)
+        except AssertionError:
+            return
+        raise AssertionError(f"{self.kind}: unexpected {event}: {f}")
+
     async def reply_for(self, ref: str, timeout: float = 5.0) -> dict[str, Any]:
         f = await self.expect("phx_reply", timeout, _ref=ref)
         return f["payload"]

@@ -106,6 +106,7 @@ def test_forbidden_offline_and_not_found(control_portal: ControlPortal) -> None:
     guarded = api.ok("POST", "/resources", {"name": "guarded", "site": "HQ", "address": "10.8.0.1"}, status=201)
     api.ok("POST", "/policies", {"group": "Eng", "resource": "guarded", "conditions": [
         {"property": "remote_ip", "operator": "is_in_cidr", "values": ["203.0.113.0/24"]}]}, status=201)
+    hidden = api.ok("POST", "/resources", {"name": "hidden", "site": "HQ", "address": "10.9.0.1"}, status=201)
 
     async def scenario() -> None:
         gw = Peer(control_portal, "gateway", acct["gateway_token"])
@@ -114,10 +115,17 @@ def test_forbidden_offline_and_not_found(control_portal: ControlPortal) -> None:
         client = Peer(control_portal, "client", acct["client_token"])
         await client.connect()
         init = await client.join()
-        assert "guarded" not in [r["name"] for r in init["resources"]]  # its condition does not hold
+        # Offered because a policy of the user's group names it; its condition is checked on request.
+        names = [r["name"] for r in init["resources"]]
+        assert "guarded" in names and "hidden" not in names, names
         await client.send("request_authorization", {"resource_id": guarded["data"]["id"], "connected_gateway_ids": []})
         f = await client.expect("authorization_creation_failed")
         assert f["payload"]["reason"] == "forbidden" and f["payload"]["violated_properties"] == ["remote_ip"]
+        # No policy at all: the same answer as for an unknown id (existence is not confirmed).
+        await client.send("request_authorization", {"resource_id": hidden["data"]["id"]})
+        f = await client.expect("authorization_creation_failed")
+        assert f["payload"] == {"resource_id": hidden["data"]["id"], "reason": "not_found"}
+        await gw.expect_nothing("create_authorization", timeout=0.3)
         await client.send("request_authorization", {"resource_id": lonely["data"]["id"], "connected_gateway_ids": []})
         f = await client.expect("authorization_creation_failed")
         assert f["payload"]["reason"] == "offline"
@@ -133,9 +141,11 @@ def test_forbidden_offline_and_not_found(control_portal: ControlPortal) -> None:
 
     run(scenario())
     denials = api.ok("GET", "/audit?result=deny")["data"]
-    assert {d["reason"] for d in denials} >= {"forbidden", "offline", "not_found"}
+    assert {d["reason"] for d in denials} >= {"forbidden", "offline", "not_found", "no_policy"}
     forbidden = next(d for d in denials if d["reason"] == "forbidden")
     assert forbidden["violated_properties"] == ["remote_ip"] and forbidden["actor"]["email"] == "alice@acme.test"
+    no_policy = next(d for d in denials if d["reason"] == "no_policy")
+    assert no_policy["resource"]["name"] == "hidden" and no_policy["actor"]["email"] == "alice@acme.test"
 
 
 def test_gateway_choice_and_preference(control_portal: ControlPortal) -> None:
@@ -212,7 +222,8 @@ def test_policy_removal_reaches_gateway_and_client(control_portal: ControlPortal
 
 
 def test_time_window_is_reevaluated(control_portal: ControlPortal) -> None:
-    """A window ending a few seconds from now removes the resource while the client stays connected."""
+    """A window ending a few seconds from now ends the access granted in it; the resource stays listed
+    and a new request names the violated property."""
     api = control_portal.admin()
     acct = setup_account(api)
     now = time.gmtime(time.time() + 4)
@@ -225,13 +236,24 @@ def test_time_window_is_reevaluated(control_portal: ControlPortal) -> None:
          "values": [f"{day}/00:00:00-{end}/UTC"]}]})
 
     async def scenario() -> None:
+        gw = Peer(control_portal, "gateway", acct["gateway_token"])
+        await gw.connect()
+        await gw.join()
         client = Peer(control_portal, "client", acct["client_token"])
         await client.connect()
         init = await client.join()
         assert [r["name"] for r in init["resources"]] == ["web"]
-        gone = await client.expect("resource_deleted", timeout=10)
-        assert gone["payload"] == acct["web"]["id"]
+        granted, _ = await authorize(client, [gw], acct["web"]["id"])
+        assert granted["request"]["expires_at"] is not None
+        rejected = await gw.expect("reject_access", timeout=10)
+        assert rejected["payload"]["resource_id"] == acct["web"]["id"]
+        await client.send("request_authorization", {"resource_id": acct["web"]["id"]})
+        f = await client.expect("authorization_creation_failed")
+        assert f["payload"]["reason"] == "forbidden"
+        assert f["payload"]["violated_properties"] == ["current_utc_datetime"]
+        await client.expect_nothing("resource_deleted", timeout=0.5)
         await client.close()
+        await gw.close()
 
     run(scenario())
 
@@ -445,5 +467,30 @@ def test_driver_heartbeat_timeout_and_fatal_401(control_portal: ControlPortal, m
                                params={"external_id": "x", "public_key": random_key()})
         reason = await asyncio.wait_for(bad.run(lambda e: None), 10)
         assert "401" in reason
+
+    run(scenario())
+
+
+def test_account_settings_reach_connected_clients(control_portal: ControlPortal) -> None:
+    api = control_portal.admin()
+    acct = setup_account(api)
+
+    async def scenario() -> None:
+        client = Peer(control_portal, "client", acct["client_token"])
+        await client.connect()
+        init = await client.join()
+        assert init["interface"]["search_domain"] is None and init["interface"]["upstream_dns"] == []
+        await asyncio.to_thread(api.ok, "PATCH", "/account", {"search_domain": "corp.example",
+                                                             "upstream_dns": ["192.0.2.53:5353"]})
+        changed = await client.expect("config_changed")
+        iface = changed["payload"]["interface"]
+        assert iface["search_domain"] == "corp.example"
+        assert iface["upstream_dns"] == [{"protocol": "ip_port", "address": "192.0.2.53:5353"}]
+        assert iface["ipv4"] == init["interface"]["ipv4"]
+        await client.close()
+        again = Peer(control_portal, "client", acct["client_token"])
+        await again.connect()
+        assert (await again.join())["interface"]["search_domain"] == "corp.example"
+        await again.close()
 
     run(scenario())

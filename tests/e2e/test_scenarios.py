@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from firezone.lab import Lab
+from firezone.lab.topology import big_addresses
 from tests.e2e.fz_lab_system import FZ, FzSystem, run_system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -41,8 +45,6 @@ def test_direct_curl(fz: FzSystem) -> None:
     _base(fz)
     _one_resource(fz, "resource-net", "198.51.100.0/24")
     _one_resource(fz, "resource-net-v6", "2001:db8:51::/64")
-    # No policy for this one: default deny.
-    fz.admin("resource", "add", "alias", "--site", SITE, "--address", "alias.httpbin.test")
     fz.start_client("client", user=USER, groups=(GROUP,))
 
     r = fz.curl("client", "http://198.51.100.10/")
@@ -64,19 +66,6 @@ def test_direct_curl(fz: FzSystem) -> None:
     res = {r["name"]: r for r in st["resources"]}
     assert res["resource-net"]["status"] == "online", res
     assert res["resource-net"]["site"]["name"] == SITE
-    # The resource without a policy is never offered to the client ...
-    assert "alias" not in res
-    # ... so its name is not answered from the proxy range, and nothing reaches it.
-    dig = fz.lab.exec("client", ["dig", "+short", "+time=3", "alias.httpbin.test"], check=False)
-    assert not any(a.startswith("100.96.") for a in dig.stdout.split()), dig.stdout
-    assert fz.curl("client", "http://alias.httpbin.test/", timeout=5).returncode != 0
-    # The portal's policy engine denies it (exit 3); the audit log holds only allowed accesses.
-    explain = fz.lab.exec("portal", [*FZ, "--portal", fz.portal_url, "policy", "explain", "--user", USER,
-                                     "--resource", "alias"], env=fz.env, check=False)
-    assert explain.returncode == 3, explain.stdout + explain.stderr
-    audit = fz.audit()
-    assert audit and all(a.get("result") == "allow" for a in audit), audit
-
     # One flow-log line per flow on the gateway (TCP: once both FINs were seen, plus 5 s).
     fz.wait(lambda: any(r.get("msg") == "TCP flow completed" and r.get("inner_dst_ip") == "198.51.100.10"
                         for r in fz.log_records("gateway-1")), 15, "the gateway's flow log line")
@@ -110,6 +99,7 @@ def test_relayed_curl(fz: FzSystem) -> None:
 def test_dns_resource(fz: FzSystem) -> None:
     _base(fz)
     _one_resource(fz, "dns-host", "dns.httpbin.test")
+    fz.admin("account", "set", "--search-domain", "httpbin.test")
     fz.start_client("client", user=USER, groups=(GROUP,))
     dig = fz.lab.exec("client", ["dig", "+short", "+time=3", "+tries=2", "dns.httpbin.test", "A"], check=False)
     assert dig.returncode == 0, dig.stderr
@@ -121,11 +111,12 @@ def test_dns_resource(fz: FzSystem) -> None:
     r = fz.curl("client", "http://dns.httpbin.test/")
     assert r.returncode == 0, f"curl failed: {r.stderr}\n{fz.tails()}"
     assert r.stdout.strip() == "dns-host", r.stdout
-    # The stub answers over TCP too, for resource and non-resource names.
-    tcp = fz.lab.exec("client", ["dig", "+tcp", "+short", "+time=3", "dns.httpbin.test", "A"], check=False)
-    assert sorted(tcp.stdout.split()) == sorted(addrs), tcp.stdout
-    tcp = fz.lab.exec("client", ["dig", "+tcp", "+short", "+time=3", "portal.example.test", "A"], check=False)
-    assert tcp.stdout.split() == [fz.lab.addr("portal", 4)], tcp.stdout
+    # By its short name through the search domain the portal hands out.
+    assert "search httpbin.test" in fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
+    short = fz.lab.exec("client", ["dig", "+search", "+short", "+time=3", "dns", "A"], check=False)
+    assert sorted(short.stdout.split()) == sorted(addrs), short.stdout
+    r = fz.curl("client", "http://dns/")
+    assert r.returncode == 0 and r.stdout.strip() == "dns-host", f"{r.stderr}\n{fz.tails()}"
 
     # SIGHUP: the client reconnects to the portal and the resource keeps (or comes back to) working.
     import signal
@@ -140,7 +131,31 @@ def test_dns_resource(fz: FzSystem) -> None:
     assert "nameserver 100.100.111.1" in before
     fz.stop("client")
     after = fz.lab.exec("client", ["cat", "/etc/resolv.conf"]).stdout
-    assert "100.100.111.1" not in after and "nameserver" in after, after
+    assert "100.100.111.1" not in after and "httpbin.test" not in after and "nameserver" in after, after
+    fz.assert_clean_logs()
+
+
+def test_tcp_dns(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "dns-host", "dns.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    udp = _dig(fz, "dns.httpbin.test")
+    assert udp and _proxied(udp), udp
+    # The stub answers over TCP too, for resource and non-resource names.
+    assert sorted(_dig(fz, "dns.httpbin.test", "+tcp")) == sorted(udp)
+    assert _dig(fz, "portal.example.test", "+tcp") == [fz.lab.addr("portal", 4)]
+    # big.example.test has 40 A records: without EDNS the UDP answer does not fit in 512 bytes.
+    # The upstream's truncation reaches dig unchanged ...
+    tc = fz.lab.exec("client", ["dig", "+noedns", "+ignore", "+time=3", "big.example.test", "A"], check=False)
+    assert " tc" in tc.stdout.split("flags:")[1].split(";")[0], tc.stdout
+    # ... and dig's retry over TCP gets every record through the stub.
+    full = _dig(fz, "big.example.test", "+noedns")
+    assert len(full) == 40 and sorted(full) == sorted(big_addresses("203.0.113")), full
+    # With EDNS the answer fits in UDP; the OPT record comes back.
+    edns = fz.lab.exec("client", ["dig", "+bufsize=4096", "+time=3", "big.example.test", "A"], check=False)
+    flags = edns.stdout.split("flags:")[1].split(";")[0]
+    assert " tc" not in flags and "OPT PSEUDOSECTION" in edns.stdout and "ANSWER: 40" in edns.stdout, edns.stdout
+    fz.stop("client")
     fz.assert_clean_logs()
 
 
@@ -382,22 +397,110 @@ def test_dns_shared_ip(fz: FzSystem) -> None:
     fz.assert_clean_logs()
 
 
+# A client that asks for a resource it was never offered (a modified or stale client): it speaks
+# the control protocol from the client host with the user's own token.
+_RAW_REQUEST = """
+import asyncio, base64, json, os, sys, uuid
+import aiohttp
+
+async def main(url, token, rid):
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(url.replace("http", "ws", 1) + "/client", headers={"Authorization": "Bearer " + token},
+                                   params={"external_id": str(uuid.uuid4()), "public_key": base64.b64encode(os.urandom(32)).decode(), "name": "raw"})
+        await ws.send_str(json.dumps({"topic": "client", "event": "phx_join", "payload": {}, "ref": "1"}))
+        await ws.send_str(json.dumps({"topic": "client", "event": "request_authorization",
+                                      "payload": {"resource_id": rid}, "ref": "2"}))
+        while True:
+            frame = json.loads((await ws.receive(timeout=10)).data)
+            if frame["event"] == "authorization_creation_failed":
+                print(json.dumps(frame["payload"]))
+                return
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_default_deny(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.10/32")
+    # No policy names this one; the one policy for it is for a group alice is not in.
+    hidden = fz.admin("resource", "add", "download-host", "--site", SITE, "--address", "198.51.100.21")
+    fz.add_user("bob@acme.test", ("sales",))
+    fz.admin("policy", "add", "--group", "sales", "--resource", "download-host")
+    fz.admin("resource", "add", "alias", "--site", SITE, "--address", "alias.httpbin.test")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    assert fz.curl("client", "http://198.51.100.10/").stdout.strip() == "http", fz.tails()
+
+    # Neither is offered, so the client neither routes nor resolves them: nothing reaches them.
+    st = fz.status("client")
+    assert st is not None and [r["name"] for r in st["resources"]] == ["resource-net"], st["resources"]
+    assert fz.curl("client", "http://198.51.100.21/", timeout=4).returncode != 0
+    dig = fz.lab.exec("client", ["dig", "+short", "+time=3", "alias.httpbin.test"], check=False)
+    assert not any(a.startswith("100.96.") for a in dig.stdout.split()), dig.stdout
+    assert fz.curl("client", "http://alias.httpbin.test/", timeout=4).returncode != 0
+    # The gateway's flow log (a line once a TCP flow has ended) shows only the allowed host.
+    fz.wait(lambda: any(r.get("inner_dst_ip") for r in fz.log_records("gateway-1")), 15, "a flow log line")
+    flows = {r["inner_dst_ip"] for r in fz.log_records("gateway-1") if r.get("inner_dst_ip")}
+    assert flows == {"198.51.100.10"}, flows
+
+    # Asking anyway gets the answer an unknown id gets; the portal audits the denial by name.
+    raw = fz.lab.exec("client", [sys.executable, "-c", _RAW_REQUEST, fz.portal_url,
+                                 fz.token("client", "--user", USER, "--expires", "1h"), hidden["id"]], env=fz.env, check=False)
+    assert raw.returncode == 0, raw.stderr
+    assert json.loads(raw.stdout) == {"resource_id": hidden["id"], "reason": "not_found"}
+    denials = [a for a in fz.audit() if a.get("result") == "deny"]
+    assert [(d["reason"], d["resource"]["name"], d["actor"]["email"]) for d in denials] == \
+        [("no_policy", "download-host", USER)], denials
+    explain = fz.lab.exec("portal", [*FZ, "--portal", fz.portal_url, "policy", "explain", "--user", USER,
+                                     "--resource", "download-host"], env=fz.env, check=False)
+    assert explain.returncode == 3 and "no policy" in explain.stdout, explain.stdout + explain.stderr
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
 def test_conditions(fz: FzSystem) -> None:
     _base(fz)
-    fz.admin("resource", "add", "resource-net", "--site", SITE, "--address", "198.51.100.0/24")
+    fz.admin("resource", "add", "resource-net", "--site", SITE, "--address", "198.51.100.10")
     # The client's remote IP (its router's public address) is not in this range: the condition fails.
     fz.admin("policy", "add", "--group", GROUP, "--resource", "resource-net", "--condition",
              "remote_ip in 192.0.2.0/24")
+    # A time window on another day of the week (whole day, UTC).
+    tomorrow = "MTWRFSU"[(time.gmtime().tm_wday + 1) % 7]
+    fz.admin("resource", "add", "dns-host", "--site", SITE, "--address", "dns.httpbin.test")
+    fz.admin("policy", "add", "--group", GROUP, "--resource", "dns-host", "--condition",
+             f"time in {tomorrow}/true/UTC")
     fz.start_client("client", user=USER, groups=(GROUP,))
-    assert fz.curl("client", "http://198.51.100.10/", timeout=5).returncode != 0
-    explain = fz.lab.exec("portal", [*FZ, "--json", "--portal", fz.portal_url, "policy", "explain", "--user", USER,
-                                     "--resource", "resource-net", "--from-ip", fz.lab.addr("client-router", 4)],
-                          env=fz.env, check=False)
-    assert explain.returncode == 3, explain.stdout + explain.stderr
-    assert "remote_ip" in explain.stdout, explain.stdout
-    # The portal offers a client only the resources its policies allow now, so the client never
-    # learns of this one (and never asks for it).
-    st = fz.status("client")
-    assert st is not None and st["resources"] == [], st["resources"]
+
+    # The client knows both (a policy of its group names them) and asks; the portal refuses each.
+    r = fz.curl("client", "http://198.51.100.10/", timeout=5)
+    assert r.returncode != 0, r.stdout
+    dig = fz.lab.exec("client", ["dig", "+short", "+time=3", "dns.httpbin.test"], check=False)
+    assert dig.stdout.split() and all(a.startswith("100.96.") for a in dig.stdout.split()), dig.stdout
+    assert fz.curl("client", "http://dns.httpbin.test/", timeout=5).returncode != 0
+
+    def why() -> dict[str, tuple[str, list[str]]]:
+        st = fz.status("client") or {}
+        return {r["name"]: (r["status"], r.get("violated_properties") or []) for r in st.get("resources", [])}
+
+    fz.wait(lambda: why() == {"resource-net": ("forbidden", ["remote_ip"]),
+                              "dns-host": ("forbidden", ["current_utc_datetime"])}, 10, "both refusals shown")
+    # People see the same in the table.
+    human = fz.lab.exec("client", [*FZ, "client", "status", "--control-socket", fz.control_socket("client")],
+                        env=fz.env, check=False)
+    assert "forbidden (remote_ip)" in human.stdout and "forbidden (current_utc_datetime)" in human.stdout, \
+        human.stdout
+    denials = {d["resource"]["name"]: d for d in fz.audit() if d.get("result") == "deny"}
+    assert denials["resource-net"]["reason"] == "forbidden", denials
+    assert denials["resource-net"]["violated_properties"] == ["remote_ip"]
+    assert denials["resource-net"]["remote_ip"] == fz.lab.addr("client-router", 4)
+    assert denials["dns-host"]["violated_properties"] == ["current_utc_datetime"]
+    assert all(d["actor"]["email"] == USER for d in denials.values())
+    assert not [r for r in fz.log_records("gateway-1") if r.get("inner_dst_ip")]
+
+    # Widen the range to the client's network: the next attempt gets through.
+    pid = fz.admin("policy", "list", "--resource", "resource-net")[0]["id"]
+    fz.admin("policy", "update", pid, "--condition", f"remote_ip in {fz.lab.addr('client-router', 4)}/32")
+    fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=3).stdout.strip() == "http", 20,
+            "access once the condition holds")
     fz.stop("client")
     fz.assert_clean_logs()

@@ -349,3 +349,28 @@ def test_dual_stack_allocation_gets_an_ipv4_and_an_ipv6_relayed_address():
     link.pump()
     (ready,) = link.of(AllocationReady)
     assert sorted(ip for ip, _ in ready.relayed_addrs) == ["2001:db8::101", SERVER[0]]
+
+
+def test_channel_bind_refused_with_403_is_not_repeated_until_the_backoff_ends():
+    from firezone.proto.turn.client import CHANNEL_REFUSED_BACKOFF
+
+    link = new_link()
+    loopback = ("127.0.0.1", 5000)  # the relay refuses loopback peers (403)
+    assert link.alloc.bind_channel(loopback, link.now) is not None
+    link.pump()
+    binds = [d for _, d in link.to_server if parse_message(d).method == Method.CHANNEL_BIND]
+    assert len(binds) == 1 and link.alloc.channel_for(loopback) is None
+    # Packets towards it keep coming: no new ChannelBind, nothing queued.
+    for _ in range(5):
+        assert link.alloc.encode_to_peer(loopback, b"x", link.now) is None
+        link.pump()
+    binds = [d for _, d in link.to_server if parse_message(d).method == Method.CHANNEL_BIND]
+    assert len(binds) == 1
+    assert link.alloc.stats["channel_refused_skipped"] == 5
+    # Other peers are unaffected; after the backoff the relay is asked again.
+    assert link.alloc.bind_channel(PEER, link.now) is not None
+    link.advance(link.now + CHANNEL_REFUSED_BACKOFF + 1)
+    assert link.alloc.bind_channel(loopback, link.now) is not None
+    link.pump()
+    binds = [d for _, d in link.to_server if parse_message(d).method == Method.CHANNEL_BIND]
+    assert len(binds) == 3

@@ -189,10 +189,30 @@ def page(p: Page, view: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str,
 # -- account ----------------------------------------------------------------------------------
 
 
+def account_view(store: Store, account_id: str) -> dict[str, Any]:
+    a = store.account(account_id)
+    settings = store.account_settings(account_id)
+    return {"id": a["id"], "name": a["name"], "slug": a["slug"],
+            "search_domain": settings.get("search_domain"), "upstream_dns": settings.get("upstream_dns", [])}
+
+
 @route("GET", "/account", "The account this token belongs to", tag="account", response="Account")
 async def get_account(c: Ctx) -> Any:
-    a = c.store.account(c.account_id)
-    return {"data": {"id": a["id"], "name": a["name"], "slug": a["slug"]}}
+    return {"data": account_view(c.store, c.account_id)}
+
+
+_ACCOUNT_BODY = {"type": "object", "properties": {
+    "search_domain": {"type": ["string", "null"]},
+    "upstream_dns": {"type": ["array", "null"], "items": {"type": "string"}}}}
+
+
+@route("PATCH", "/account", "Change the client settings of the account (search domain, upstream resolvers)",
+       tag="account", body=_ACCOUNT_BODY, response="Account")
+async def update_account(c: Ctx) -> Any:
+    d = await c.body()
+    _only(d, {"search_domain", "upstream_dns"})
+    c.store.update_account_settings(c.account_id, d)
+    return {"data": account_view(c.store, c.account_id)}
 
 
 # -- users ------------------------------------------------------------------------------------

@@ -107,8 +107,10 @@ def _wrap(route: api.Route) -> Callable[[web.Request], Awaitable[web.StreamRespo
 
 
 _SCHEMAS: dict[str, dict[str, Any]] = {
-    "Account": {"type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                                 "slug": {"type": "string"}}},
+    "Account": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"}, "slug": {"type": "string"},
+        "search_domain": {"type": ["string", "null"]},
+        "upstream_dns": {"type": "array", "items": {"type": "string"}}}},
     "User": {"type": "object", "properties": {
         "id": {"type": "string"}, "type": {"type": "string", "enum": ["user", "admin", "service_account"]},
         "email": {"type": ["string", "null"]}, "name": {"type": "string"}, "disabled": {"type": "boolean"},

@@ -72,6 +72,9 @@ TRANSPORT_UDP = 17
 FAMILY_IPV6 = 0x02
 # Payloads held per peer while its channel is being bound.
 MAX_PENDING_PER_PEER = 32
+# A relay that answers ChannelBind with 403 refuses that peer by policy (RFC 8656 §12: e.g. a
+# peer address it does not relay to); asking again at once would only repeat the refusal.
+CHANNEL_REFUSED_BACKOFF = 60.0
 
 
 class AllocationState(enum.Enum):
@@ -185,6 +188,7 @@ class Allocation:
         self._channels_by_peer: dict[Addr, _Channel] = {}
         self._channels_by_number: dict[int, _Channel] = {}
         self._next_channel = CHANNEL_FIRST
+        self._refused: dict[Addr, float] = {}  # peer -> time a new ChannelBind may be tried
         self.stats: dict[str, int] = {}
         # The latest time we were given: poll_timeout returns it while output waits.
         self._now = now
@@ -263,6 +267,7 @@ class Allocation:
         self._channels_by_peer.clear()
         self._channels_by_number.clear()
         self._next_channel = CHANNEL_FIRST
+        self._refused.clear()
 
     def update_credentials(self, username: str, password: str, now: float) -> None:
         """New credentials from the portal: allocate again with them.
@@ -298,6 +303,12 @@ class Allocation:
             return None
         ch = self._channels_by_peer.get(peer)
         if ch is None:
+            until = self._refused.get(peer)
+            if until is not None:
+                if now < until:
+                    self._count("channel_refused_skipped")
+                    return None
+                del self._refused[peer]
             number = self._free_channel_number()
             if number is None:
                 self._count("channels_exhausted")
@@ -540,6 +551,8 @@ class Allocation:
                     self._lose("allocation mismatch")
                 elif not ch.bound:
                     self._drop_channel(ch)
+                    if code == 403:
+                        self._refused[txn.peer] = now + CHANNEL_REFUSED_BACKOFF
         log.debug("TURN error response", extra={"kind": txn.kind, "code": code})
 
     def _retry(self, txn: _Txn, now: float) -> None:
