@@ -24,7 +24,8 @@ Routers run one nftables table ``inet fzlab``, rendered from the lab's state by
 - inbound traffic from the WAN is forwarded (or delivered to the router) only when conntrack
   relates it to outbound traffic; ICMP to the router itself is allowed;
 - "UDP between the sites blocked": each router drops forwarded UDP to the other router;
-- loss of P %: ``numgen random mod 10000 < 100*P`` drops forwarded packets (both directions).
+- loss of P %: ``numgen random mod 10000 < 100*P`` drops forwarded packets (both directions;
+  100 % is a plain ``drop``).
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def router_ruleset(*, nat: str, loss: float, block_udp_to: tuple[str, str] | Non
     if not 0.0 <= loss <= 100.0:
         raise ValueError(f"loss must be between 0 and 100 percent, not {loss}")
     fwd: list[str] = []
-    if loss > 0:
+    if loss >= 100:
+        # numgen's modulus bounds the comparison: "< 10000" is out of range for nft.
+        fwd.append('counter drop comment "loss"')
+    elif loss > 0:
         fwd.append(f"numgen random mod 10000 < {round(loss * 100)} counter drop comment \"loss\"")
     if block_udp_to is not None:
         v4, v6 = block_udp_to

@@ -9,6 +9,7 @@ scenario needs, and :func:`start_demo` is what ``fz lab up`` runs: everything, s
     sysm.admin("site", "add", "lab")
     sysm.start_gateway("gateway-1", site="lab")
     sysm.start_client("client", user="alice@acme.test", groups=["eng"])
+    sysm.start_client("client-2", user="bob@acme.test", groups=["sales"])   # a second user
 
 Admin commands run the real CLI inside the portal's namespace (the lab is unreachable from the
 host's own namespace) with an isolated environment (HOME and XDG directories under ``workdir``)

@@ -8,10 +8,14 @@ commands. Only documentation addresses are used (RFC 5737, RFC 3849).
    portal .10    relay-1 .101   relay-2 .102   public-dns .53 (zone example.test)
    client-router .20 (NAT)                     gateway-router .30 (NAT)
         | 192.0.2.0/25, 2001:db8:2::/64            | 192.0.2.128/25, 2001:db8:2:80::/64
-      client .10                              gateway-1 .130, gateway-2 .131
+      client .10, client-2 .11                gateway-1 .130, gateway-2 .131
                                                    | 198.51.100.0/24, 2001:db8:51::/64 (ns: res)
                                  http .10, dns-host .20, download .21, iperf3 .30, private-dns .53
 ```
+
+Each router's LAN side is a bridge (device ``lan``) in the router's namespace with one veth port
+per host behind it, so both clients share the client site's NAT (and its loss and blocking
+rules, which match only the router's ``wan`` device) the way the two gateways share theirs.
 
 The resource hosts share one namespace (``res``) with one address per host name; the HTTP
 server answers ``/`` with the name that belongs to the address it was reached on.
@@ -29,12 +33,15 @@ RELAY2 = "relay2"
 PDNS = "pdns"
 CRTR = "crtr"
 CLIENT = "client"
+CLIENT2 = "client2"
 GRTR = "grtr"
 GW1 = "gw1"
 GW2 = "gw2"
 RES = "res"
 
-NAMESPACES: tuple[str, ...] = (INET, PORTAL, RELAY1, RELAY2, PDNS, CRTR, CLIENT, GRTR, GW1, GW2, RES)
+NAMESPACES: tuple[str, ...] = (
+    INET, PORTAL, RELAY1, RELAY2, PDNS, CRTR, CLIENT, CLIENT2, GRTR, GW1, GW2, RES,
+)
 
 ROUTERS = ("client-router", "gateway-router")
 NAT_MODES = ("easy", "symmetric")
@@ -96,6 +103,8 @@ NODES: dict[str, Node] = {
         }, "NAT router of the client site"),
         Node("client", CLIENT, {"lan": Iface(CLIENT, "eth0", "192.0.2.10/25", "2001:db8:2::10/64")},
              "client host"),
+        Node("client-2", CLIENT2, {"lan": Iface(CLIENT2, "eth0", "192.0.2.11/25", "2001:db8:2::11/64")},
+             "second client host (same router as client)"),
         Node("gateway-router", GRTR, {
             "wan": _wan(GRTR, 30, "wan"),
             "lan": Iface(GRTR, "lan", "192.0.2.129/25", "2001:db8:2:80::1/64"),
@@ -125,7 +134,8 @@ VETHS: tuple[tuple[str, str, str, str], ...] = (
     (PDNS, "eth0", INET, PDNS),
     (CRTR, "wan", INET, CRTR),
     (GRTR, "wan", INET, GRTR),
-    (CLIENT, "eth0", CRTR, "lan"),
+    (CLIENT, "eth0", CRTR, CLIENT),
+    (CLIENT2, "eth0", CRTR, CLIENT2),
     (GW1, "eth0", GRTR, GW1),
     (GW2, "eth0", GRTR, GW2),
     (GW1, "res0", RES, GW1),
@@ -135,6 +145,7 @@ VETHS: tuple[tuple[str, str, str, str], ...] = (
 # bridges: ns -> (bridge device, ports)
 BRIDGES: dict[str, tuple[str, tuple[str, ...]]] = {
     INET: ("br0", (PORTAL, RELAY1, RELAY2, PDNS, CRTR, GRTR)),
+    CRTR: ("lan", (CLIENT, CLIENT2)),
     GRTR: ("lan", (GW1, GW2)),
     RES: ("br0", (GW1, GW2)),
 }
@@ -142,6 +153,7 @@ BRIDGES: dict[str, tuple[str, tuple[str, ...]]] = {
 # default routes: ns -> (v4 gateway, v6 gateway)
 DEFAULT_ROUTES: dict[str, tuple[str, str]] = {
     CLIENT: ("192.0.2.1", "2001:db8:2::1"),
+    CLIENT2: ("192.0.2.1", "2001:db8:2::1"),
     GW1: ("192.0.2.129", "2001:db8:2:80::1"),
     GW2: ("192.0.2.129", "2001:db8:2:80::1"),
 }
