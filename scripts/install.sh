@@ -18,6 +18,9 @@ pkgs=(iproute2 nftables iputils-ping bind9-dnsutils curl ca-certificates procps 
 if [ "$want_tests" = 1 ]; then
   # Real peers the tests talk to.
   pkgs+=(wireguard-go wireguard-tools coturn dnsperf chromium)
+  # systemd (its libsystemd-shared must match the systemd-resolved unpacked below) and a D-Bus
+  # daemon for the private bus that resolved and resolvectl talk over in the tests.
+  pkgs+=(systemd dbus-daemon util-linux)
 fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
@@ -29,6 +32,9 @@ if [ "$want_tests" = 1 ]; then
   if [ -f tests/oidc/package-lock.json ]; then
     (cd tests/oidc && npm ci --silent --no-audit --no-fund)
   fi
+  # The real systemd-resolved, unpacked (never installed: its postinst would take over
+  # this machine's /etc/resolv.conf).
+  bash scripts/fetch_resolved.sh
 else
   .venv/bin/pip install -q -e .
 fi

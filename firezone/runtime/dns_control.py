@@ -229,6 +229,10 @@ def apply(mode: str, sentinels: Sequence[str], search_domain: str | None, *,
             _resolvectl("dns", interface, *sentinels)
             # `~.` makes this link the route for every name; the stub forwards what is not ours.
             _resolvectl("domain", interface, "~.", *([search_domain] if search_domain else []))
+            # No link-local name service on the tunnel: it would announce this host's name with
+            # the sentinel address and send LLMNR/mDNS lookups to the gateway.
+            _resolvectl("llmnr", interface, "no")
+            _resolvectl("mdns", interface, "no")
         except Exception:
             Restorer(record, backup).restore()
             raise

@@ -396,7 +396,9 @@ def test_systemd_resolved_mode_drives_resolvectl_and_reverts(tmp_path, monkeypat
                           "corp.test", interface="tun-fz", state_dir=state)
     assert log.read_text().splitlines() == [
         "dns tun-fz 100.100.111.1 fd00:2021:1111:8000:100:100:111:1",
-        "domain tun-fz ~. corp.test"]
+        "domain tun-fz ~. corp.test",
+        "llmnr tun-fz no",
+        "mdns tun-fz no"]
     assert list(state.iterdir())
     r.restore()
     assert log.read_text().splitlines()[-1] == "revert tun-fz"
