@@ -490,16 +490,23 @@ _control_option = click.option(
               help="UDP port for the tunnel (0: any free port).")
 @click.option("--account", envvar="FIREZONE_ACCOUNT", metavar="SLUG",
               help="Account of a token given by FIREZONE_TOKEN / --token-file, to show its user in `status`.")
+@click.option("--roam-detect/--no-roam-detect", "roam_detect", default=True, show_default=True,
+              help="Reconnect when the host's addresses or default routes change.")
+@click.option("--internet", "internet", type=click.Choice(["on", "off"]), default="off", show_default=True,
+              help="Start with the Internet resource routed (all traffic through its gateway); "
+                   "`fz client internet on|off` changes it while running.")
 @_control_option
 @click.pass_obj
 def up(app: AppContext, token_file: Path | None, dns_control: str, external_id: str | None, name: str | None,
-       port: int, account: str | None, control_socket: Path | None) -> None:
+       port: int, account: str | None, roam_detect: bool, internet: str, control_socket: Path | None) -> None:
     """Connect this device: TUN tun-firezone, routes, DNS, tunnels on demand (foreground).
 
     The token is FIREZONE_TOKEN, else --token-file, else the sign-in stored by
     `fz client login`. Resources are reached on first use: the client asks the portal for
     access, holds the packets, connects to the gateway and sends them. Ctrl-C / SIGTERM stops
-    and restores the resolver configuration; SIGHUP reconnects to the portal.
+    and restores the resolver configuration; SIGHUP reconnects to the portal. When the host's
+    addresses or default routes change, the client reconnects to the portal and builds its
+    tunnels afresh from the new address (--no-roam-detect turns that off).
 
     \b
     Examples:
@@ -524,7 +531,8 @@ def up(app: AppContext, token_file: Path | None, dns_control: str, external_id: 
         sign_in = {**sign_in, **_who(str(portal), str(account), str(sign_in["token"]))}
     role = ClientRole(str(portal), str(sign_in["token"]), external_id=_client_id(external_id),
                       name=name or socket.gethostname(), dns_control_mode=dns_control, port=port,
-                      control_path=_control_path(control_socket), sign_in=sign_in)
+                      control_path=_control_path(control_socket), sign_in=sign_in, roam_detect=roam_detect,
+                      internet=internet == "on")
     try:
         driver.run(role.run())
     except (ClientFailure, ControlSocketError) as e:
@@ -543,11 +551,11 @@ def _who(portal: str, account: str, token: str) -> dict[str, Any]:
     return {"account": account, "actor_name": info["actor"]["name"], "actor_email": info["actor"]["email"]}
 
 
-def _ask(control_socket: Path | None, cmd: str) -> dict[str, Any]:
+def _ask(control_socket: Path | None, cmd: str, **args: Any) -> dict[str, Any]:
     from firezone.runtime.control_socket import ControlSocketError, query
 
     try:
-        answer = query(_control_path(control_socket), {"cmd": cmd})
+        answer = query(_control_path(control_socket), {"cmd": cmd, **args})
     except ControlSocketError as e:
         raise CliError(f"{e}; start it with `fz client up`") from None
     if "error" in answer:
@@ -601,3 +609,25 @@ def resources(app: AppContext, control_socket: Path | None) -> None:
         app.emit(res)
         return
     app.table(_resource_rows(res), ["name", "type", "address", "site", "status"])
+
+
+@client.command("internet")
+@click.argument("switch", required=False, type=click.Choice(["on", "off"]))
+@_control_option
+@click.pass_obj
+def internet(app: AppContext, switch: str | None, control_socket: Path | None) -> None:
+    """Route all traffic through the Internet resource (on), or only resources (off; the default).
+
+    Without an argument, show the current setting. With it on, everything but fz's own
+    connections goes through the Internet resource's gateway; a policy must give the user the
+    Internet resource for that to take effect. The setting lasts until the client stops
+    (`fz client up --internet on` starts with it on).
+    """
+    answer = _ask(control_socket, "internet", **({"on": switch == "on"} if switch else {}))
+    if app.json:
+        app.emit(answer)
+        return
+    text = f"Internet resource {'on' if answer['enabled'] else 'off'}"
+    if answer["enabled"] and not answer["offered"]:
+        text += " (no policy gives you the Internet resource yet: traffic stays outside the tunnel)"
+    app.console.print(text, highlight=False)

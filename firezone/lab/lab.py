@@ -698,9 +698,13 @@ class Lab:
                 f"--conf-file={path}", f"--pid-file={sd / (node + '.dnsmasq.pid')}"], name="dnsmasq"))
         procs.append(self.popen("http", [sys.executable, "-m", "firezone.lab.httpd", "--ports",
                                          ",".join(map(str, topo.HTTP_PORTS))], name="httpd"))
+        # A public web server (www.example.test) on the public DNS host: /ip shows where the
+        # request came from, e.g. which site's NAT carried it.
+        procs.append(self.popen("public-dns", [sys.executable, "-m", "firezone.lab.httpd", "--ports", "80"],
+                                name="httpd"))
         procs.append(self.popen("iperf3", ["iperf3", "-s", "--forceflush"], name="iperf3"))
         self._wait_links_up()
-        self._wait_listening("public-dns", {("udp", 53)}, procs)
+        self._wait_listening("public-dns", {("udp", 53), ("tcp", 80)}, procs)
         self._wait_listening("http", {("udp", 53), ("tcp", 53), *(("tcp", p) for p in topo.HTTP_PORTS),
                                       ("tcp", topo.IPERF3_PORT)}, procs)
 

@@ -187,12 +187,12 @@ class FzSystem:
             self.admin("group", "add-member", g, user)
 
     def start_client(self, node: str = "client", *, user: str, groups: Sequence[str] = (),
-                     dns_control: str = "etc-resolv-conf", expires: str = "1d") -> None:
+                     dns_control: str = "etc-resolv-conf", expires: str = "1d", extra: Sequence[str] = ()) -> None:
         self.add_user(user, groups)
         tok = self.token("client", "--user", user, "--expires", expires)
         self._popen(node, "client", [*FZ, "-v", "--portal", self.portal_url, "client", "up", "--dns-control",
                                      dns_control, "--id", f"{self.lab.prefix}-{node}", "--account", ACCOUNT,
-                                     "--control-socket", self.control_socket(node)],
+                                     "--control-socket", self.control_socket(node), *extra],
                     env={"FIREZONE_TOKEN": tok})
         self.wait(lambda: (self.status(node, check=False) or {}).get("interface", {}).get("ipv4") is not None,
                   30, f"{node} signed in", proc=node)

@@ -5,7 +5,7 @@ commands. Only documentation addresses are used (RFC 5737, RFC 3849).
 
 ```
                        "internet" bridge 203.0.113.0/24, 2001:db8:113::/64   (ns: inet)
-   portal .10    relay-1 .101   relay-2 .102   public-dns .53 (zone example.test)
+   portal .10    relay-1 .101   relay-2 .102   public-dns .53 (zone example.test, www)
    client-router .20 (NAT)                     gateway-router .30 (NAT)
         | 192.0.2.0/25, 2001:db8:2::/64            | 192.0.2.128/25, 2001:db8:2:80::/64
       client .10, client-2 .11                gateway-1 .130, gateway-2 .131
@@ -96,7 +96,7 @@ NODES: dict[str, Node] = {
         Node("portal", PORTAL, {"wan": _wan(PORTAL, 10)}, "portal host"),
         Node("relay-1", RELAY1, {"wan": _wan(RELAY1, 101)}, "relay host 1"),
         Node("relay-2", RELAY2, {"wan": _wan(RELAY2, 102)}, "relay host 2"),
-        Node("public-dns", PDNS, {"wan": _wan(PDNS, 53)}, f"dnsmasq, zone {PUBLIC_ZONE}"),
+        Node("public-dns", PDNS, {"wan": _wan(PDNS, 53)}, f"dnsmasq, zone {PUBLIC_ZONE}; www.{PUBLIC_ZONE} on 80"),
         Node("client-router", CRTR, {
             "wan": _wan(CRTR, 20, "wan"),
             "lan": Iface(CRTR, "lan", "192.0.2.1/25", "2001:db8:2::1/64"),
@@ -194,6 +194,7 @@ PUBLIC_RECORDS: list[tuple[str, str, str]] = _records(PUBLIC_ZONE, {
     "relay-1": _addrs("relay-1"),
     "relay-2": _addrs("relay-2"),
     "dns": _addrs("public-dns"),
+    "www": _addrs("public-dns"),          # the lab httpd on the public DNS host
     "client-router": _addrs("client-router"),
     "gateway-router": _addrs("gateway-router"),
 })

@@ -28,12 +28,23 @@ dropped and counted. Per resource the access moves through::
                 connected_gateway_ids so the portal prefers another one of the site)
     ONLINE      --ICMP prohibited from the gateway--> ONLINE + a new request_authorization
     any         --connection failed / resource deleted / authorization expired--> NONE
+                (at expiry, a timer; the gateway closes its side once the client has no
+                authorization left there, so the client closes that connection too)
+    AUTHORIZING, CONNECTING, ONLINE --reset() (network changed)--> AUTHORIZING (asked for again
+                at once; every connection and relay allocation is made afresh from the new address)
 
 DNS resources (firezone-notes §3.5): the stub answers A/AAAA with proxy IPs. A packet to a proxy IP
 authorizes the resource like any other; once the tunnel to its gateway is up the client sends the
 p2p control message ``AssignedIps {resource, domain, proxy_ips}`` through it, every 2 s until the
 gateway answers ``DomainStatus``, holding at most 32 packets for that name meanwhile. A re-query of
 the name sends ``AssignedIps`` again (the gateway re-resolves).
+
+A network change (:meth:`~ClientState.reset`) replaces the Node: every gateway connection and
+relay allocation is made again from the new address, and the resources in use are asked for at
+once. The portal's ICE credentials are fixed per client/gateway pair, so a gateway that kept its
+side of the connection answers the new authorization without signalling its candidates again;
+the client therefore remembers what each gateway signalled (per gateway key) and gives it to
+every new connection to that gateway.
 
 "Silent" means: we sent the gateway something and nothing at all (data, keepalive, handshake) came
 back for ``GATEWAY_SILENT_TIMEOUT``; an idle connection is never silent. A live gateway that only
@@ -115,6 +126,8 @@ GATEWAY_SILENT_TIMEOUT = 8.0
 LIVENESS_PROBE_AFTER = 4.0
 # ICMP echo identifier of our liveness probes ("fz").
 PROBE_ICMP_ID = 0x667A
+# Candidates remembered per gateway (a gateway signals a handful: host, srflx, relays per family).
+MAX_REMEMBERED_CANDIDATES = 64
 # Destination -> resource lookups remembered (cleared whenever resources or routes change).
 _ROUTE_CACHE_MAX = 4096
 
@@ -371,9 +384,13 @@ class ClientState:
         node_factory: Any = Node,
         dns_factory: Any = DnsStub,
     ) -> None:
+        self._node_factory = node_factory
+        self._private_key = private_key
+        self._rng = rng
         self._node: Node = node_factory(
             private_key=private_key, rng=rng, now=now, unix_time=unix_time, is_client=True
         )
+        self._interfaces: dict[int, Addr] = {}
         self.public_key: bytes = self._node.public_key
         self._dns: DnsStub = dns_factory()
         self._unix_offset = unix_time - now
@@ -388,6 +405,9 @@ class ClientState:
         self._access: dict[str, _Access] = {}
         self._gateways: dict[str, _Gateway] = {}
         self._relays: dict[str, list[RelayInfo]] = {}
+        # The candidates each gateway signalled, with the key they belong to: see
+        # _on_authorization_created.
+        self._remote_candidates: dict[str, tuple[bytes, dict[str, None]]] = {}
         self._internet_enabled = False
         # CIDR resources, longest prefix first: (version, network int, mask int, prefixlen, id).
         self._cidrs: list[tuple[int, int, int, int, str]] = []
@@ -414,7 +434,56 @@ class ClientState:
     def add_local_interface(self, addr: Addr, now: float) -> None:
         """The UDP socket of one address family (its bound address is a host candidate)."""
         self._tick(now)
+        self._interfaces[6 if ":" in addr[0] else 4] = addr
         self._node.add_local_interface(addr, now)
+        self._drain_node(now)
+
+    def reset(self, now: float, local_interfaces: list[Addr] | None = None) -> None:
+        """The network changed: every gateway connection and relay allocation starts afresh.
+
+        ``local_interfaces`` are the socket bases from now on (one per family; a family left out
+        is no longer used); None keeps the current ones. Resources that were being authorized,
+        connected or used are asked for again at once: a download only receives, and its
+        application may not send anything that would trigger a new authorization otherwise.
+        """
+        self._tick(now)
+        old = self._node
+        # Free the old allocations (TURN Refresh, lifetime 0); from a new address the relay
+        # refuses, and the allocation times out there instead.
+        old.update_relays([], now)
+        while (t := old.poll_transmit()) is not None:
+            self._transmits.append(t)
+        if local_interfaces is not None:
+            self._interfaces = {6 if ":" in a[0] else 4: a for a in local_interfaces}
+        self._node = self._node_factory(
+            private_key=self._private_key,
+            rng=self._rng,
+            now=now,
+            unix_time=self._unix(now),
+            is_client=True,
+        )
+        gateways = list(self._gateways.values())
+        self._gateways.clear()
+        log.debug("network reset", extra={"connections": len(gateways)})
+        for g in gateways:
+            self._events.append(ConnectionDown(g.id, "network changed"))
+        for acc in self._access.values():
+            was = acc.state in (AUTHORIZING, CONNECTING, ONLINE)
+            if acc.gateway_id is not None:
+                for g in gateways:
+                    if g.id == acc.gateway_id:
+                        for d in [d for d in g.domains.values() if d.resource_id == acc.resource_id]:
+                            acc.buffer.extend(d.buffer)
+                acc.gateway_id = None
+                acc.expires_at = None
+            # The portal may decide differently on the new network (remote-IP conditions).
+            acc.last_request = None
+            if was:
+                acc.state = NONE
+                self._request(acc, now, force=True)
+        for addr in self._interfaces.values():
+            self._node.add_local_interface(addr, now)
+        self._node.update_relays([i for infos in self._relays.values() for i in infos], now)
         self._drain_node(now)
 
     def set_system_upstreams(self, upstreams: list[Addr], now: float) -> None:
@@ -568,6 +637,7 @@ class ClientState:
             # The gateway restarted with a new key: upsert_connection replaces the connection.
             self._reset_gateway(g)
             g.public_key = key
+        fresh = gid not in self._node.connections()
         self._node.upsert_connection(
             gid,
             peer_public_key=key,
@@ -576,6 +646,16 @@ class ClientState:
             remote_creds=remote,
             now=now,
         )
+        known = self._remote_candidates.get(gid)
+        if known is not None and known[0] != key:
+            del self._remote_candidates[gid]  # a restarted gateway: its old candidates are gone
+        elif known is not None and fresh:
+            # The portal's ICE credentials are the same for a pair every time, so a gateway that
+            # still holds its side of the connection (we closed ours: network change, replaced)
+            # treats the authorization as one it has and signals nothing; its candidates from
+            # before are all we get.
+            for sdp in list(known[1]):
+                self._node.add_remote_candidate(gid, sdp, now)
         acc = self._access.setdefault(rid, _Access(rid))
         if acc.gateway_id is not None and acc.gateway_id != gid:
             self._unmap(acc, now)
@@ -614,12 +694,21 @@ class ClientState:
 
     def _on_ice_candidates(self, payload: dict[str, Any], now: float) -> None:
         gid = str(payload["gateway_id"])
+        g = self._gateways.get(gid)
+        known = self._remote_candidates.get(gid)
+        if g is not None and (known is None or known[0] != g.public_key):
+            known = self._remote_candidates[gid] = (g.public_key, {})
         for c in payload.get("candidates") or []:
+            if known is not None and len(known[1]) < MAX_REMEMBERED_CANDIDATES:
+                known[1][str(c)] = None
             self._node.add_remote_candidate(gid, str(c), now)
 
     def _on_invalidate_ice_candidates(self, payload: dict[str, Any], now: float) -> None:
         gid = str(payload["gateway_id"])
+        known = self._remote_candidates.get(gid)
         for c in payload.get("candidates") or []:
+            if known is not None:
+                known[1].pop(str(c), None)
             self._node.remove_remote_candidate(gid, str(c), now)
 
     def _on_disconnect(self, payload: Any, now: float) -> None:
@@ -767,8 +856,7 @@ class ClientState:
             and acc.expires_at is not None
             and self._unix(now) >= acc.expires_at
         ):
-            log.debug("authorization expired", extra={"resource_id": rid})
-            self._unmap(acc, now)
+            self._expire(acc, now)
         if acc.state == ONLINE:
             g = self._gateways[acc.gateway_id]  # type: ignore[index]
             if domain is None:
@@ -868,6 +956,17 @@ class ClientState:
         for name in [n for n, d in g.domains.items() if d.resource_id == acc.resource_id]:
             d = g.domains.pop(name)
             acc.buffer.extend(d.buffer)
+
+    def _expire(self, acc: _Access, now: float) -> None:
+        """The authorization ran out: forget its gateway, and the connection if nothing else uses it."""
+        log.debug("authorization expired", extra={"resource_id": acc.resource_id})
+        gid = acc.gateway_id
+        self._unmap(acc, now)
+        g = self._gateways.get(gid) if gid is not None else None
+        if g is not None and not g.resources:
+            # The gateway closes its side once the client has no authorization left there; a
+            # connection kept here would carry the next packets into a tunnel that is gone.
+            self._close_gateway(g, "authorizations expired", now)
 
     def _drop_access(self, rid: str, now: float) -> None:
         """The resource is gone or changed: drop its authorization and, if unused, the connection."""
@@ -1050,6 +1149,11 @@ class ClientState:
         if self._transmits or self._events or self._portal_out or self._tun_out:
             return self._now
         best = self._node.poll_timeout()
+        for acc in self._access.values():
+            if acc.gateway_id is not None and acc.expires_at is not None:
+                t = acc.expires_at - self._unix_offset
+                if best is None or t < best:
+                    best = t
         for g in self._gateways.values():
             if g.unanswered_since is not None and not g.silent:
                 t = g.unanswered_since + GATEWAY_SILENT_TIMEOUT
@@ -1065,12 +1169,17 @@ class ClientState:
         return best
 
     def handle_timeout(self, now: float) -> None:
-        """Advance the Node, retransmit AssignedIps, notice silent gateways."""
+        """Advance the Node, expire authorizations, retransmit AssignedIps, notice silent gateways."""
         self._tick(now)
         t = self._node.poll_timeout()
         if t is not None and t <= now:
             self._node.handle_timeout(now)
         self._drain_node(now)
+        for acc in list(self._access.values()):
+            # The same arithmetic as poll_timeout, so the deadline it reports is always due here.
+            exp = acc.expires_at
+            if acc.gateway_id is not None and exp is not None and now >= exp - self._unix_offset:
+                self._expire(acc, now)
         for g in list(self._gateways.values()):
             if g.probe_at is not None and now >= g.probe_at and g.unanswered_since is not None:
                 g.probe_at = None

@@ -258,6 +258,18 @@ def parse_filters(filters: Any) -> _Filter:
     return f
 
 
+# RFC 5737 / RFC 3849 documentation networks are routed nowhere on the real internet; counting
+# them as internet lets a test network built from them (the lab) stand in for it. Private,
+# shared (100.64/10), loopback, link-local, multicast and reserved space is never the Internet
+# resource's: reaching it takes a resource and a policy of its own.
+_DOCUMENTATION = tuple(ipaddress.ip_network(n) for n in
+                       ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+
+
+def _is_internet(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return (a.is_global and not a.is_multicast) or any(a in n for n in _DOCUMENTATION if n.version == a.version)
+
+
 @dataclass(slots=True)
 class _Resource:
     id: str
@@ -271,8 +283,7 @@ class _Resource:
     def contains(self, dst: bytes) -> int:
         """Prefix length when ``dst`` is inside this CIDR/Internet resource, else -1."""
         if self.type == "internet":
-            a = ipaddress.ip_address(dst)
-            return 0 if a.is_global else -1
+            return 0 if _is_internet(ipaddress.ip_address(dst)) else -1
         net = self.network
         if net is None or (net.version == 4) != (len(dst) == 4):
             return -1

@@ -11,7 +11,12 @@ Wiring (one uvloop loop), every decision being :class:`~firezone.proto.client.Cl
   ``handle_datagram``; ``poll_transmit`` is sent;
 * :class:`~firezone.runtime.dns_listen.DnsServer` on the sentinel addresses (UDP and TCP) answers
   through ``handle_dns_query``;
-* one timer follows ``poll_timeout``; the control socket answers ``fz client status``.
+* one timer follows ``poll_timeout``; the control socket answers ``fz client status``;
+* :class:`~firezone.runtime.netwatch.NetWatcher` reports address and default-route changes
+  (not those of the TUN or loopback), debounced. The client then finds its local addresses again,
+  resets ClientState (every gateway connection and relay allocation afresh, from the new address;
+  what was in use is authorized again at once) and reconnects the portal. Flows inside the tunnel
+  use the tunnel IPs, which do not change, so they survive the move.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 from firezone.proto import phoenix
 from firezone.proto.client import (
+    INTERNET_ROUTES,
     AccessDenied,
     ClientState,
     ConnectionDown,
@@ -43,10 +49,11 @@ from firezone.proto.client import (
 from firezone.proto.dns.stub import StubResult
 from firezone.proto.wireguard.keys import generate_private_key
 from firezone.roles.gateway import local_ips_towards
-from firezone.runtime import dns_control, netlink, tun
+from firezone.runtime import dns_control, full_tunnel, netlink, tun
 from firezone.runtime.control_socket import ControlServer
 from firezone.runtime.dns_listen import DnsServer
 from firezone.runtime.driver import DeadlineTimer
+from firezone.runtime.netwatch import NetWatcher
 from firezone.runtime.portal_ws import PortalConnection
 from firezone.runtime.rng import SYSTEM_RNG
 from firezone.runtime.udp import UdpSockets
@@ -112,7 +119,8 @@ class ClientRole:
 
     def __init__(self, portal: str, token: str, *, external_id: str, name: str, dns_control_mode: str,
                  tun_name: str = TUN_NAME, port: int = 0, local_ips: list[str] | None = None,
-                 control_path: Path | None = None, sign_in: dict[str, Any] | None = None) -> None:
+                 control_path: Path | None = None, sign_in: dict[str, Any] | None = None,
+                 roam_detect: bool = True, internet: bool = False) -> None:
         self.portal = portal
         self.token = token
         self.external_id = external_id
@@ -120,7 +128,14 @@ class ClientRole:
         self.dns_mode = dns_control_mode
         self.tun_name = tun_name
         self.port = port
+        self._local_ips_given = bool(local_ips)
         self.local_ips = local_ips or local_ips_towards(portal)
+        self.roam_detect = roam_detect
+        self.internet = internet  # the Internet resource's start state (off unless asked)
+        self._full_tunnel = False
+        self.netwatch: NetWatcher | None = None
+        self.network_changes = 0
+        self._roam_task: asyncio.Task[None] | None = None
         self.control_path = control_path
         self.sign_in = sign_in or {}
         self.state: ClientState | None = None
@@ -143,6 +158,7 @@ class ClientRole:
         self._failure: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._readers: list[int] = []
+        self._udp_readers: set[int] = set()
         self.joined_at: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -154,6 +170,10 @@ class ClientRole:
         now = loop.time()
         self.state = ClientState(private_key=generate_private_key(SYSTEM_RNG), rng=SYSTEM_RNG, now=now,
                                  unix_time=time.time())
+        if self.internet:
+            self.state.set_internet_resource_enabled(True, now)
+        if await asyncio.to_thread(full_tunnel.disable):
+            log.info("removed the full-tunnel routing rules a previous run left behind")
         try:
             self.tun_fd, self.tun_name = tun.open_tun(self.tun_name)
         except tun.TunError as e:
@@ -164,20 +184,15 @@ class ClientRole:
                 self.state.set_system_upstreams(upstreams, loop.time())
             with contextlib.suppress(OSError):
                 Path(f"/proc/sys/net/ipv6/conf/{self.tun_name}/accept_dad").write_text("0\n")
-            self.udp = UdpSockets(self.port)
+            # fz's own sockets carry its firewall mark: with the Internet resource on they must
+            # not be routed into the tunnel they carry.
+            self.udp = UdpSockets(self.port, mark=True)
             self._timer = DeadlineTimer(loop, self._on_timer)
             loop.add_reader(self.tun_fd, self._on_tun_readable)
             self._readers.append(self.tun_fd)
-            for sock in self.udp.sockets():
-                fam = 6 if ":" in sock.getsockname()[0] else 4
-                ip = next((i for i in self.local_ips if (6 if ":" in i else 4) == fam), None)
-                if ip is None:
-                    continue
-                self._local[fam] = (ip, self.udp.port)
-                loop.add_reader(sock.fileno(), self._on_udp_readable, sock, fam)
-                self._readers.append(sock.fileno())
-                self.state.add_local_interface((ip, self.udp.port), loop.time())
-            self.dns = DnsServer(self._dns_query, loop)
+            for addr in self._use_local_ips():
+                self.state.add_local_interface(addr, loop.time())
+            self.dns = DnsServer(self._dns_query, loop, mark=True)
             if self.control_path is not None:
                 self.control = ControlServer(self.control_path, self._control)
                 await self.control.start()
@@ -185,10 +200,18 @@ class ClientRole:
             self.conn = PortalConnection(self.portal, "/client", self.token, topic="client",
                                          params={"external_id": self.external_id, "public_key": public_key,
                                                  "name": self.name},
-                                         component="fz-client")
+                                         component="fz-client", mark=True)
             for s in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(s, self.stop, f"signal {signal.Signals(s).name}")
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            if self.roam_detect:
+                watcher = NetWatcher(self._on_network_change, ignore=("lo", self.tun_name))
+                try:
+                    await watcher.start()
+                except OSError as e:
+                    log.warning("cannot watch for network changes", extra={"error": str(e)})
+                else:
+                    self.netwatch = watcher
             portal_task = asyncio.create_task(self.conn.run(self._on_portal_event))
             stop_task = asyncio.create_task(self._stop.wait())
             log.info("client starting", extra={"portal": self.portal, "local_ips": self.local_ips})
@@ -220,9 +243,54 @@ class ClientRole:
         if self.conn is not None:
             self.conn.reconnect("SIGHUP")
 
+    def _use_local_ips(self) -> list[tuple[str, int]]:
+        """Socket bases for ``self.local_ips`` (one per family with a socket); reads their sockets."""
+        assert self.udp is not None and self._loop is not None
+        self._local.clear()
+        for sock in self.udp.sockets():
+            fam = 6 if ":" in sock.getsockname()[0] else 4
+            ip = next((i for i in self.local_ips if (6 if ":" in i else 4) == fam), None)
+            if ip is None:
+                continue
+            self._local[fam] = (ip, self.udp.port)
+            if sock.fileno() not in self._udp_readers:
+                self._loop.add_reader(sock.fileno(), self._on_udp_readable, sock, fam)
+                self._readers.append(sock.fileno())
+                self._udp_readers.add(sock.fileno())
+        return list(self._local.values())
+
+    def _on_network_change(self) -> None:
+        """Addresses or default routes changed: new local addresses, fresh connections, new portal session."""
+        if self.state is None or self._stop.is_set():
+            return
+        self.network_changes += 1
+        log.info("network changed: reconnecting")
+        if self._roam_task is not None:
+            self._roam_task.cancel()
+        self._roam_task = asyncio.create_task(self._roam())
+
+    async def _roam(self) -> None:
+        assert self.state is not None
+        if not self._local_ips_given:
+            # In a thread: a portal host name is resolved through our own DNS stub, which this
+            # loop serves.
+            self.local_ips = await asyncio.to_thread(local_ips_towards, self.portal)
+        addrs = self._use_local_ips()
+        log.debug("local addresses", extra={"local_ips": self.local_ips})
+        if not addrs:
+            log.info("no local address towards the portal; waiting for the network")
+        self.state.reset(self._now(), addrs)
+        if self.conn is not None:
+            self.conn.reconnect("network changed")
+        self._pump()
+
     async def _close(self) -> None:
         loop = self._loop
         assert loop is not None
+        if self.netwatch is not None:
+            self.netwatch.close()
+        if self._roam_task is not None:
+            self._roam_task.cancel()
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(s)
@@ -242,6 +310,11 @@ class ClientRole:
                 self._restorer.restore()
             except (OSError, RuntimeError) as e:
                 log.warning("cannot restore the DNS configuration", extra={"error": str(e)})
+        if self._full_tunnel:
+            try:
+                await asyncio.to_thread(full_tunnel.disable)
+            except (OSError, full_tunnel.FullTunnelError) as e:
+                log.warning("cannot remove the full-tunnel routing rules", extra={"error": str(e)})
         if self.udp is not None:
             self.udp.close()
         if self.tun_fd is not None:
@@ -284,7 +357,7 @@ class ClientRole:
         st = self.state
         assert st is not None
         now = self._now()
-        local = self._local[fam]
+        local = self._local.get(fam)
         for _ in range(BATCH):
             try:
                 data, src = sock.recvfrom(RECV_SIZE)
@@ -292,6 +365,8 @@ class ClientRole:
                 break
             except OSError:
                 continue  # an ICMP error queued by an earlier send
+            if local is None:
+                continue  # the family has no address towards the portal any more
             st.handle_datagram(local, (src[0], src[1]), data, now)
         self._pump()
 
@@ -388,7 +463,9 @@ class ClientRole:
                 ordered.append(f"{ev.ipv6}/128")
             sentinels = [f"{s}/{128 if ':' in s else 32}" for s in ev.dns_sentinels]
             addrs = set(ordered) | set(sentinels)
-            routes = set(ev.routes)
+            # The Internet resource's default routes go to a table of their own (full_tunnel).
+            full = any(r in INTERNET_ROUTES for r in ev.routes)
+            routes = set(ev.routes) - set(INTERNET_ROUTES)
             gone = sorted(self._routes - routes)
             await netlink.aconfigure_interface(
                 self.tun_name, mtu=tun.DEFAULT_MTU, txqueuelen=TUN_TXQUEUELEN,
@@ -401,6 +478,13 @@ class ClientRole:
                 await asyncio.to_thread(_delete_routes, self.tun_name, gone)
             self._addresses |= addrs
             self._routes = routes
+            if full != self._full_tunnel:
+                if full:
+                    await asyncio.to_thread(full_tunnel.enable, self.tun_name, ipv6=bool(ev.ipv6))
+                else:
+                    await asyncio.to_thread(full_tunnel.disable)
+                self._full_tunnel = full
+                log.info("Internet resource " + ("routed through the tunnel" if full else "off"))
             log.debug("tunnel interface configured", extra={"routes": sorted(routes)})
             for sentinel in [s for s in ev.dns_sentinels if s not in self._dns_bound]:
                 await self._listen_dns(sentinel)
@@ -438,6 +522,7 @@ class ClientRole:
         st["user"] = {"name": user.get("actor_name"), "email": user.get("actor_email"),
                       "account": user.get("account"), "source": self.sign_in.get("source")}
         st["portal"] = {"url": self.portal, "connected": bool(self.conn and self.conn.joined)}
+        st["network_changes"] = self.network_changes
         sites = {}
         for r in st["resources"]:
             if r["site"].get("id"):
@@ -452,4 +537,15 @@ class ClientRole:
             return self.status()
         if cmd == "resources":
             return {"resources": self.status()["resources"]}
+        if cmd == "internet":
+            on = req.get("on")
+            if on is not None:
+                if not isinstance(on, bool):
+                    return {"error": "'on' must be true or false"}
+                assert self.state is not None
+                self.state.set_internet_resource_enabled(on, self._now())
+                self._pump()
+            st = self.status()
+            offered = any(r["type"] == "internet" for r in st["resources"])
+            return {"enabled": st["internet_resource_enabled"], "offered": offered}
         return {"error": f"unknown command {cmd!r}"}

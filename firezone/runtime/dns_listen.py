@@ -25,6 +25,7 @@ from typing import Any
 
 from firezone.logs import TRACE
 from firezone.proto.dns.stub import Answer, Forward, StubResult, error_response
+from firezone.runtime import full_tunnel
 
 __all__ = ["FORWARD_TIMEOUT", "DnsServer"]
 
@@ -142,10 +143,13 @@ class DnsServer:
     """Serve DNS on the given addresses over UDP and TCP through a stub's ``handle_query``."""
 
     def __init__(self, stub: Any, loop: asyncio.AbstractEventLoop | None = None, *,
-                 timeout: float = FORWARD_TIMEOUT) -> None:
+                 timeout: float = FORWARD_TIMEOUT, mark: bool = False) -> None:
+        """``mark``: forward over sockets carrying fz's firewall mark, so that upstream queries
+        stay outside a full tunnel (see :mod:`firezone.runtime.full_tunnel`)."""
         self.handle: Handler = getattr(stub, "handle_query", None) or stub
         self.loop = loop or asyncio.get_event_loop()
         self.timeout = timeout
+        self.mark = mark
         self.counters: dict[str, int] = {}
         self.bound: list[tuple[str, int]] = []
         self._udp: list[asyncio.DatagramTransport] = []
@@ -216,8 +220,16 @@ class DnsServer:
         host, port = up.addr
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            await self.loop.create_datagram_endpoint(lambda: up, remote_addr=(host, port),
-                                                     family=family)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if self.mark:
+                    full_tunnel.mark_socket(sock)
+                sock.setblocking(False)
+                sock.connect((host, port))
+            except OSError:
+                sock.close()
+                raise
+            await self.loop.create_datagram_endpoint(lambda: up, sock=sock)
         except OSError as e:
             log.warning("cannot reach DNS upstream", extra={"upstream": host, "error": str(e)})
             self._upstreams.pop(up.addr, None)
@@ -283,9 +295,17 @@ class DnsServer:
         finally:
             inflight.release()
 
-    @staticmethod
-    async def _ask_tcp(upstream: Addr, data: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(upstream[0], upstream[1])
+    async def _ask_tcp(self, upstream: Addr, data: bytes) -> bytes:
+        sock = socket.socket(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if self.mark:
+                full_tunnel.mark_socket(sock)
+            sock.setblocking(False)
+            await self.loop.sock_connect(sock, upstream)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(struct.pack("!H", len(data)) + data)
             (length,) = struct.unpack("!H", await reader.readexactly(2))

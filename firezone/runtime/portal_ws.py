@@ -16,6 +16,7 @@ import aiohttp
 
 from firezone import __version__
 from firezone.proto import phoenix
+from firezone.runtime import full_tunnel
 from firezone.runtime.rng import SYSTEM_RNG
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ EventHandler = Callable[[phoenix.ChannelEvent], Awaitable[None] | None]
 class PortalConnection:
     def __init__(self, portal: str, path: str, token: str, *, topic: str, params: dict[str, Any] | None = None,
                  join_payload: dict[str, Any] | None = None, component: str = "fz",
-                 max_partition_time: float | None = None) -> None:
+                 max_partition_time: float | None = None, mark: bool = False) -> None:
+        """``mark``: connect over a socket with fz's firewall mark, so the session stays outside
+        a full tunnel (see :mod:`firezone.runtime.full_tunnel`)."""
         self.url = websocket_url(portal, path, params or {})
+        self._mark = mark
         self._token = token
         self._component = component
         loop = asyncio.get_event_loop()
@@ -81,7 +85,12 @@ class PortalConnection:
     async def run(self, on_event: EventHandler) -> str:
         """Drive the channel until it stops; returns why it stopped."""
         loop = asyncio.get_running_loop()
-        self._session = aiohttp.ClientSession(headers={"User-Agent": user_agent(self._component)})
+        connector = None
+        if self._mark:
+            connector = aiohttp.TCPConnector(
+                socket_factory=lambda ai: full_tunnel.marked_socket(ai[0], ai[1], ai[2]))
+        self._session = aiohttp.ClientSession(headers={"User-Agent": user_agent(self._component)},
+                                              connector=connector)
         try:
             while True:
                 now = loop.time()

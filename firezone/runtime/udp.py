@@ -11,6 +11,8 @@ import logging
 import socket
 import struct
 
+from firezone.runtime import full_tunnel
+
 log = logging.getLogger(__name__)
 
 # Large buffers absorb bursts while the single Python thread is busy with the other direction.
@@ -40,10 +42,13 @@ class UdpSockets:
     """An IPv4 and (when available) an IPv6 socket bound to the same port."""
 
     def __init__(self, port: int | None = None, *, host4: str = "0.0.0.0", host6: str = "::",
-                 buffer_size: int = DEFAULT_BUFFER) -> None:
+                 buffer_size: int = DEFAULT_BUFFER, mark: bool = False) -> None:
+        """``mark``: give the sockets fz's firewall mark (see :mod:`firezone.runtime.full_tunnel`)."""
         self.sock4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock6: socket.socket | None = None
         try:
+            if mark:
+                full_tunnel.mark_socket(self.sock4)
             self.sock4.setblocking(False)
             _set_buffers(self.sock4, buffer_size)
             self.sock4.bind((host4, port or 0))
@@ -54,6 +59,8 @@ class UdpSockets:
                 log.debug("no IPv6 socket", extra={"error": str(e)})
             else:
                 try:
+                    if mark:
+                        full_tunnel.mark_socket(s6)
                     s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     s6.setblocking(False)
                     _set_buffers(s6, buffer_size)

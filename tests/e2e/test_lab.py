@@ -352,7 +352,7 @@ def test_down_leaves_nothing(lab_factory: Any) -> None:
                       stdout=subprocess.PIPE, name="sleeper")
     wait_for_line(extra, "ready")
     pids = [p["pid"] for p in lab.processes()]
-    assert len(pids) == 5 and all(pid_alive(p) for p in pids)
+    assert len(pids) == 6 and all(pid_alive(p) for p in pids)  # 2 dnsmasq, 2 httpd, iperf3, the sleeper
     group = subprocess.run(["pgrep", "-g", str(extra.pid)], capture_output=True,
                            text=True, check=False).stdout.split()
     assert len(group) == 3  # sh and its two sleeps
@@ -377,7 +377,7 @@ def test_down_after_crash_removes_everything(_lab_janitor: None) -> None:
     r = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == -signal.SIGKILL, r.stderr
     pids = [int(p) for p in r.stdout.strip().split(",")]
-    assert len(pids) == 5 and all(pid_alive(p) for p in pids)
+    assert len(pids) == 6 and all(pid_alive(p) for p in pids)  # 2 dnsmasq, 2 httpd, iperf3, the sleeper
     assert len(lab_namespaces(prefix)) == len(topo.NAMESPACES)
     try:
         assert Lab.load(prefix).stale

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -502,5 +503,63 @@ def test_conditions(fz: FzSystem) -> None:
     fz.admin("policy", "update", pid, "--condition", f"remote_ip in {fz.lab.addr('client-router', 4)}/32")
     fz.wait(lambda: fz.curl("client", "http://198.51.100.10/", timeout=3).stdout.strip() == "http", 20,
             "access once the condition holds")
+    fz.stop("client")
+    fz.assert_clean_logs()
+
+
+def test_internet_resource(fz: FzSystem) -> None:
+    _base(fz)
+    _one_resource(fz, "resource-net", "198.51.100.0/24")
+    fz.admin("site", "add", "egress")
+    fz.start_gateway("gateway-2", site="egress")
+    fz.admin("resource", "add", "Internet", "--site", "egress", "--type", "internet")
+    fz.admin("policy", "add", "--group", GROUP, "--resource", "Internet")
+    fz.start_client("client", user=USER, groups=(GROUP,))
+    home4, home6 = fz.lab.addr("client-router", 4), fz.lab.addr("client-router", 6)
+    egress4, egress6 = fz.lab.addr("gateway-router", 4), fz.lab.addr("gateway-router", 6)
+
+    def seen_as(family: str = "-4") -> str:
+        return fz.curl("client", "http://www.example.test/ip", timeout=5, extra=(family,)).stdout.strip()
+
+    def internet(*args: str) -> dict[str, Any]:
+        r = fz.lab.exec("client", [*FZ, "--json", "client", "internet", *args, "--control-socket",
+                                   fz.control_socket("client")], env=fz.env, check=False)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    # Off by default: the web sees the client's own site.
+    assert internet() == {"enabled": False, "offered": True}
+    assert seen_as() == home4 and seen_as("-6") == home6
+    assert internet("on") == {"enabled": True, "offered": True}
+    fz.wait(lambda: seen_as() == egress4, 20, "web traffic leaving through the egress gateway")
+    assert seen_as("-6") == egress6
+    rules = fz.lab.exec("client", ["ip", "rule", "show"]).stdout
+    assert "not from all fwmark 0x2021fd00 lookup" in rules, rules
+    # fz's own traffic stays outside: the portal session holds and resources still work.
+    st = fz.status("client")
+    assert st is not None and st["portal"]["connected"], st["portal"]
+    assert fz.curl("client", "http://198.51.100.10/").stdout.strip() == "http"
+    gateways = {c["gateway_id"] for c in (fz.status("client") or {}).get("connections", [])}
+    assert len(gateways) == 2, gateways
+
+    assert internet("off")["enabled"] is False
+    fz.wait(lambda: seen_as() == home4, 10, "web traffic back on the client's own site")
+    assert "fwmark 0x2021fd00" not in fz.lab.exec("client", ["ip", "rule", "show"]).stdout
+    internet("on")
+    fz.wait(lambda: seen_as() == egress4, 20, "the egress gateway again")
+    fz.stop("client")
+    assert "fwmark 0x2021fd00" not in fz.lab.exec("client", ["ip", "rule", "show"]).stdout
+    assert seen_as() == home4
+
+    # Started with --internet on, then killed: the rules outlive it until the next start.
+    fz.start_client("client", user=USER, extra=("--internet", "on"))
+    fz.wait(lambda: seen_as() == egress4, 20, "the egress gateway from the start")
+    fz.procs["client"].kill()
+    fz.procs["client"].wait(10)
+    assert "fwmark 0x2021fd00" in fz.lab.exec("client", ["ip", "rule", "show"]).stdout
+    fz.start_client("client", user=USER)
+    assert "fwmark 0x2021fd00" not in fz.lab.exec("client", ["ip", "rule", "show"]).stdout
+    assert any(r.get("msg", "").startswith("removed the full-tunnel routing rules") for r in fz.log_records("client"))
+    assert seen_as() == home4
     fz.stop("client")
     fz.assert_clean_logs()

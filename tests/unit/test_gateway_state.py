@@ -258,7 +258,9 @@ def test_ip_resource_is_a_single_host(w: World) -> None:
 def test_internet_resource_allows_global_but_not_private_addresses(w: World) -> None:
     w.gw.add_authorization(ALICE, {"id": "inet", "type": "internet"}, None, w.now)
     assert w.send(ip.build_tcp(C4, "1.1.1.1", 1, 443)) is not None
-    assert w.send(ip.build_tcp(C4, "192.168.1.1", 1, 443)) is None
+    assert w.send(ip.build_tcp(C4, "203.0.113.53", 1, 443)) is not None  # documentation = lab internet
+    for private in ("192.168.1.1", "10.1.2.3", "172.16.0.1", "100.64.0.5", "127.0.0.1", "169.254.1.1", "224.0.0.1"):
+        assert w.send(ip.build_tcp(C4, private, 1, 443)) is None, private
 
 
 def test_spoofed_source_is_dropped_silently(w: World) -> None:
