@@ -302,19 +302,7 @@ class _Gateway:
 
 def _parse_hostport(text: str) -> Addr:
     """``"1.2.3.4:53"`` / ``"[2001:db8::1]:53"`` / a bare IP (port 53)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else 53
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        port = int(p)
-    else:
-        host, port = text, 53
-    ip = ipaddress.ip_address(host)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range: {port}")
-    return str(ip), port
+    return ipp.parse_hostport(text)
 
 
 def _relay_infos(entries: Any) -> list[tuple[str, RelayInfo]]:

@@ -115,6 +115,26 @@ def addr_bytes(addr: str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address
     return addr.packed
 
 
+def parse_hostport(text: str, default_port: int = 53) -> tuple[str, int]:
+    """``"192.0.2.1:53"`` / ``"[2001:db8::1]:53"`` / a bare address (``default_port``) as
+    (normalized address, port); ``ValueError`` for anything else."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"not an address with an optional port: {text!r}")
+        port = int(rest[1:]) if rest else default_port
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = int(p)
+    else:
+        host, port = text, default_port
+    ip = ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {port}")
+    return str(ip), port
+
+
 def addr_str(addr: bytes) -> str:
     """Text form of a packed 4- or 16-byte address."""
     return str(ipaddress.ip_address(bytes(addr)))

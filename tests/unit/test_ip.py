@@ -321,3 +321,21 @@ def test_p2p_control_rejects_other_packets() -> None:
     assert ip.parse_p2p_control(raw) is None
     short = ip.build_ip(bytes(16), bytes(16), 0xFF, b"\x00\x01")
     assert ip.parse_p2p_control(short) is None
+
+
+@pytest.mark.parametrize("text,want", [
+    ("192.0.2.1", ("192.0.2.1", 53)),
+    (" 192.0.2.1:5353 ", ("192.0.2.1", 5353)),
+    ("2001:DB8::1", ("2001:db8::1", 53)),
+    ("[2001:db8::1]", ("2001:db8::1", 53)),
+    ("[2001:db8::1]:853", ("2001:db8::1", 853)),
+])
+def test_parse_hostport(text: str, want: tuple[str, int]) -> None:
+    assert ip.parse_hostport(text) == want
+
+
+@pytest.mark.parametrize("bad", ["", "dns.example", "192.0.2.1:", "192.0.2.1:0", "192.0.2.1:65536", "[2001:db8::1]x",
+                                 "[2001:db8::1", "192.0.2.1:53:53", "[192.0.2.1]:x"])
+def test_parse_hostport_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        ip.parse_hostport(bad)

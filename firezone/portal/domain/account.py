@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from firezone.portal.domain.resources import ValidationError
+from firezone.proto.ip import parse_hostport
 
 MAX_UPSTREAMS = 8
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -47,23 +48,13 @@ def format_upstream(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
 def _upstream(value: object, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(field, "must be an IP address, optionally with :port")
-    text = value.strip()
     try:
-        if text.startswith("["):
-            host, _, rest = text[1:].partition("]")
-            if rest and not rest.startswith(":"):
-                raise ValueError
-            port = int(rest[1:]) if rest else 53
-        elif text.count(":") == 1:
-            host, _, p = text.partition(":")
-            port = int(p)
-        else:
-            host, port = text, 53
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+        host, port = parse_hostport(value)
+    except ValueError as e:
+        if str(e).startswith("port out of range"):
+            raise ValidationError(field, f"{value!r}: {e} (1-65535)") from None
         raise ValidationError(field, f"{value!r} is not an IP address (with an optional :port)") from None
-    if not 0 < port < 65536:
-        raise ValidationError(field, f"port {port} is out of range (1-65535)")
+    ip = ipaddress.ip_address(host)
     if ip.is_unspecified or ip.is_multicast:
         raise ValidationError(field, f"{ip} cannot be a resolver")
     return format_upstream(ip, port)
