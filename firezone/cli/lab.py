@@ -82,9 +82,10 @@ def lab() -> None:
 def up(app: AppContext, nat: str, loss: float, prefix: str | None, bare: bool) -> None:
     """Create the lab and start the whole fz system in it.
 
-    Starts the portal, relay-1 and relay-2, gateway-1 and gateway-2 of one site and a client,
+    Starts the portal, relay-1 and relay-2, gateway-1 and gateway-2 of one site and two clients,
     seeds the account (users alice@acme.test and bob@acme.test, groups, the site, a CIDR, a DNS
-    and a wildcard resource with policies), signs the client in as alice and waits until it is
+    and a wildcard resource and the Internet resource with policies for alice's group), signs
+    the client on `client` in as alice and the one on `client-2` as bob, and waits until both are
     connected to the portal. Everything keeps running until `fz lab down`; every component logs
     to the lab's log directory (`fz lab status` shows it). Example:
 

@@ -47,11 +47,14 @@ DEMO_RESOURCES = (
     ("dns-host", "dns.httpbin.test", "one name (DNS)"),
     ("httpbin", "**.httpbin.test", "every name under httpbin.test (wildcard)"),
 )
+DEMO_INTERNET = "Internet"
 DEMO_HINTS = (
     "fz lab exec client -- curl http://dns.httpbin.test/",
     "fz lab exec client -- curl http://198.51.100.10/",
     "fz lab exec client -- curl http://download.httpbin.test/bytes/100",
     "fz lab exec client -- fz client status",
+    "fz lab exec client-2 -- fz client status   (bob, group sales: no resources)",
+    "fz lab exec client -- fz client internet on; fz lab exec client -- curl http://www.example.test/ip",
     "fz lab exec portal -- fz policy explain --user bob@acme.test --resource dns-host   (admin commands)",
     "fz lab status",
     "fz lab down",
@@ -286,11 +289,16 @@ def start_demo(lab: Lab, progress: Callable[[str], None] = lambda _msg: None) ->
         sysm.admin("resource", "add", rname, "--site", DEMO_SITE, "--address", address,
                    "--description", description)
         sysm.admin("policy", "add", "--group", DEMO_GROUP, "--resource", rname)
+    sysm.admin("resource", "add", DEMO_INTERNET, "--site", DEMO_SITE, "--type", "internet")
+    sysm.admin("policy", "add", "--group", DEMO_GROUP, "--resource", DEMO_INTERNET)
     progress("starting gateway-1 and gateway-2")
     for node in ("gateway-1", "gateway-2"):
         sysm.start_gateway(node, site=DEMO_SITE)
     progress("starting the client, signed in as alice@acme.test")
     sysm.start_client("client", user=DEMO_USERS[0][0])
-    sysm.wait(lambda: bool(((sysm.status("client", check=False) or {}).get("portal") or {}).get("connected")),
-              30, "the client connected to the portal", proc="client")
+    progress("starting the second client, signed in as bob@acme.test")
+    sysm.start_client("client-2", user=DEMO_USERS[1][0])
+    for node in ("client", "client-2"):
+        sysm.wait(lambda: bool(((sysm.status(node, check=False) or {}).get("portal") or {}).get("connected")),
+                  30, f"{node} connected to the portal", proc=node)
     return sysm

@@ -39,7 +39,8 @@ def test_lab_up_runs_the_seeded_system(_lab_janitor: None) -> None:
         assert any("curl http://dns.httpbin.test/" in h for h in up["try"]), up["try"]
         names = sorted((p["node"], p["name"]) for p in up["processes"])
         for comp in [("portal", "fz-portal"), ("relay-1", "fz-relay"), ("relay-2", "fz-relay"),
-                     ("gateway-1", "fz-gateway"), ("gateway-2", "fz-gateway"), ("client", "fz-client")]:
+                     ("gateway-1", "fz-gateway"), ("gateway-2", "fz-gateway"), ("client", "fz-client"),
+                     ("client-2", "fz-client")]:
             assert comp in names, names
         pids = [p["pid"] for p in up["processes"]]
 
@@ -68,7 +69,26 @@ def test_lab_up_runs_the_seeded_system(_lab_janitor: None) -> None:
         assert status["portal"]["connected"] is True, status["portal"]
         conns = status["connections"]
         assert conns and all(c["state"] == "connected" for c in conns), conns
-        assert {x["name"] for x in status["resources"]} == {"resource-net", "dns-host", "httpbin"}
+        assert {x["name"] for x in status["resources"]} == {"resource-net", "dns-host", "httpbin", "Internet"}
+        # bob, on client-2, is in no group with a policy: nothing offered, nothing reachable.
+        r = fz("lab", "exec", "--prefix", prefix, "client-2", "--", "fz", "--json", "client", "status")
+        assert r.returncode == 0, r.stderr
+        bob = json.loads(r.stdout)
+        assert bob["user"]["email"] == "bob@acme.test" and bob["resources"] == [], bob
+        r = fz("lab", "exec", "--prefix", prefix, "client-2", "--", "curl", "-sS", "-m", "4", "http://198.51.100.10/")
+        assert r.returncode != 0, r.stdout
+        # alice turns the Internet resource on: the web sees the gateway site's address.
+        r = fz("lab", "exec", "--prefix", prefix, "client", "--", "fz", "client", "internet", "on")
+        assert r.returncode == 0 and "Internet resource on" in r.stdout, r.stderr
+
+        def seen_as() -> str:
+            return fz("lab", "exec", "--prefix", prefix, "client", "--", "curl", "-sS", "-4", "-m", "5",
+                      "http://www.example.test/ip").stdout.strip()
+
+        deadline = time.monotonic() + 20
+        while seen_as() != "203.0.113.30" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert seen_as() == "203.0.113.30"
 
         # Admin commands in the portal node use the lab's admin token.
         r = fz("lab", "exec", "--prefix", prefix, "portal", "--", "fz", "policy", "explain", "--user",
