@@ -617,6 +617,13 @@ class ClientState:
         remote = (str(gice["username"]), str(gice["password"]))
         exp = payload.get("expires_at")
         g = self._gateways.get(gid)
+        if g is not None and not g.resources:
+            # No authorization has used this connection since the last one ended (refused, went
+            # silent): the gateway may have closed its side meanwhile (it does once the client has
+            # no authorization left there), so start a new one rather than trust the old tunnel.
+            self._close_gateway(g, "stale", now)
+            self._drain_node(now)
+            g = None
         if g is None:
             site = payload.get("site_id") or payload.get("gateway_group_id")
             v4, v6 = payload.get("gateway_ipv4"), payload.get("gateway_ipv6")
@@ -1202,6 +1209,10 @@ class ClientState:
         self._send(g, pkt, now)
 
     def _on_silent(self, g: _Gateway, now: float) -> None:
+        if not g.resources:
+            # Nothing uses it any more (its authorizations ended); the gateway closed its side.
+            self._close_gateway(g, "silent", now)
+            return
         g.silent = True
         g.unanswered_since = None
         rids = tuple(sorted(g.resources))
