@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: install fz and start the whole system on this machine in network namespaces
-# (`fz lab up`): portal, two relays, two gateways of one site, a signed-in client and the resource
-# hosts, with an account seeded with users, groups, resources and policies. Then prove it works.
+# (`fz lab up`): portal, two relays, two gateways of one site, two signed-in clients and the
+# resource hosts, with an account seeded with users, groups, resources and policies. Then prove
+# it works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -27,6 +28,8 @@ through a gateway. Try:
   fz lab exec client -- curl http://dns.httpbin.test/
   fz lab exec client -- curl http://198.51.100.10/
   fz lab exec client -- fz client status
+  fz lab exec client-2 -- fz client status     # bob (group sales): no resources
+  fz lab exec client -- fz client internet on  # then: fz lab exec client -- curl http://www.example.test/ip
   fz lab exec portal -- fz policy list
   fz lab exec portal -- fz policy explain --user bob@acme.test --resource dns-host   # denied: exit 3
   fz lab status        # processes and the log directory

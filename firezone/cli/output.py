@@ -58,7 +58,7 @@ class AppContext:
         for r in rows:
             t.add_row(*[fmt(r.get(c)) for c in columns])
         if not rows:
-            self.console.print("[dim](none)[/dim]")
+            self.console.print(f"{title}: [dim]none[/dim]" if title else "[dim](none)[/dim]", highlight=False)
         else:
             self.console.print(t)
 

@@ -1244,10 +1244,14 @@ class ClientState:
 
     # --- status ----------------------------------------------------------------------------------------
     def resource_status(self, rid: str) -> str:
-        """``online``, ``connecting``, ``authorizing``, a denial reason, or ``unknown``."""
+        """``online``, ``connecting``, ``authorizing``, a denial reason, ``off`` (the Internet
+        resource while disabled) or ``idle`` (not in use: access is asked for on first use)."""
+        res = self._resources.get(rid)
+        if res is not None and res.info.type == "internet" and not self._internet_enabled:
+            return "off"
         acc = self._access.get(rid)
         if acc is None or acc.state == NONE:
-            return "unknown"
+            return "idle"
         if acc.state == DENIED:
             return acc.denied_reason or "denied"
         return acc.state

@@ -75,6 +75,8 @@ def test_lab_up_runs_the_seeded_system(_lab_janitor: None) -> None:
         assert r.returncode == 0, r.stderr
         bob = json.loads(r.stdout)
         assert bob["user"]["email"] == "bob@acme.test" and bob["resources"] == [], bob
+        human = fz("lab", "exec", "--prefix", prefix, "client-2", "--", "fz", "client", "status").stdout
+        assert "Signed in as bob@acme.test" in human and "Resources: none" in human, human
         r = fz("lab", "exec", "--prefix", prefix, "client-2", "--", "curl", "-sS", "-m", "4", "http://198.51.100.10/")
         assert r.returncode != 0, r.stdout
         # alice turns the Internet resource on: the web sees the gateway site's address.

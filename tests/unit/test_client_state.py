@@ -762,7 +762,9 @@ def test_internet_resource_toggle():
     w, gw = connected_world(CIDR, INTERNET)
     w.send(udp4("8.8.8.8", 1))
     assert w.requests == []
+    assert w.client.resource_status("r-internet") == "off"
     w.client.set_internet_resource_enabled(True, w.now)
+    assert w.client.resource_status("r-internet") == "idle"
     w.pump()
     assert {"0.0.0.0/0", "::/0"} <= set(w.of(TunInterfaceUpdated)[-1].routes)
     w.send(udp4("8.8.8.8", 2))
@@ -775,6 +777,7 @@ def test_internet_resource_toggle():
     w.client.set_internet_resource_enabled(False, w.now)
     w.pump()
     assert "0.0.0.0/0" not in w.of(TunInterfaceUpdated)[-1].routes
+    assert w.client.resource_status("r-internet") == "off"
     assert w.of(ConnectionDown)[-1].gateway_id == "gw-1"
     w.send(udp4("8.8.8.8", 4))
     assert len(w.requests) == 2
@@ -796,7 +799,7 @@ def test_status_lists_resources_and_connections():
     assert (
         by_id["r-cidr"]["address"] == "198.51.100.0/24" and by_id["r-cidr"]["name"] == "Private net"
     )
-    assert by_id["r-dns"]["status"] == "unknown"
+    assert by_id["r-dns"]["status"] == "idle"
     [conn] = st["connections"]
     assert (
         conn["gateway_id"] == "gw-1" and conn["path"] == "direct" and conn["state"] == "connected"
