@@ -588,7 +588,7 @@ class Hub:
                                        resource=resource, device_id=s.device_id, remote_ip=s.remote_ip)
             s.push("authorization_creation_failed", {"resource_id": rid, "reason": "not_found"})
             return
-        if not decision.allowed:
+        if not decision.allowed:  # some policy names it, but its conditions do not hold
             self.store.record_decision(s.account_id, result="deny", reason="forbidden", actor=s.actor,
                                        resource=resource, device_id=s.device_id,
                                        violated=decision.violated_properties, remote_ip=s.remote_ip)

@@ -846,11 +846,8 @@ class ClientState:
                 self._count("tun_unknown_resource")
                 return
             acc = self._access[rid] = _Access(rid)
-        if (
-            acc.gateway_id is not None
-            and acc.expires_at is not None
-            and self._unix(now) >= acc.expires_at
-        ):
+        deadline = self._expiry(acc)
+        if deadline is not None and now >= deadline:
             self._expire(acc, now)
         if acc.state == ONLINE:
             g = self._gateways[acc.gateway_id]  # type: ignore[index]
@@ -951,6 +948,16 @@ class ClientState:
         for name in [n for n, d in g.domains.items() if d.resource_id == acc.resource_id]:
             d = g.domains.pop(name)
             acc.buffer.extend(d.buffer)
+
+    def _expiry(self, acc: _Access) -> float | None:
+        """When ``acc``'s authorization runs out, in loop time (None: no expiry or none held).
+
+        poll_timeout, handle_timeout and the packet path all compare against this one value, so
+        a deadline poll_timeout reports is always due in handle_timeout.
+        """
+        if acc.gateway_id is None or acc.expires_at is None:
+            return None
+        return acc.expires_at - self._unix_offset
 
     def _expire(self, acc: _Access, now: float) -> None:
         """The authorization ran out: forget its gateway, and the connection if nothing else uses it."""
@@ -1145,10 +1152,9 @@ class ClientState:
             return self._now
         best = self._node.poll_timeout()
         for acc in self._access.values():
-            if acc.gateway_id is not None and acc.expires_at is not None:
-                t = acc.expires_at - self._unix_offset
-                if best is None or t < best:
-                    best = t
+            t = self._expiry(acc)
+            if t is not None and (best is None or t < best):
+                best = t
         for g in self._gateways.values():
             if g.unanswered_since is not None and not g.silent:
                 t = g.unanswered_since + GATEWAY_SILENT_TIMEOUT
@@ -1171,9 +1177,8 @@ class ClientState:
             self._node.handle_timeout(now)
         self._drain_node(now)
         for acc in list(self._access.values()):
-            # The same arithmetic as poll_timeout, so the deadline it reports is always due here.
-            exp = acc.expires_at
-            if acc.gateway_id is not None and exp is not None and now >= exp - self._unix_offset:
+            t = self._expiry(acc)
+            if t is not None and now >= t:
                 self._expire(acc, now)
         for g in list(self._gateways.values()):
             if g.probe_at is not None and now >= g.probe_at and g.unanswered_since is not None:

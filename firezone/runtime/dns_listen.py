@@ -218,13 +218,9 @@ class DnsServer:
 
     async def _connect_upstream(self, up: _Upstream) -> None:
         host, port = up.addr
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = self._upstream_socket(host, socket.SOCK_DGRAM)
             try:
-                if self.mark:
-                    full_tunnel.mark_socket(sock)
-                sock.setblocking(False)
                 sock.connect((host, port))
             except OSError:
                 sock.close()
@@ -295,12 +291,16 @@ class DnsServer:
         finally:
             inflight.release()
 
+    def _upstream_socket(self, host: str, type_: int) -> socket.socket:
+        """A non-blocking socket towards an upstream, with fz's mark when asked for."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = full_tunnel.marked_socket(family, type_) if self.mark else socket.socket(family, type_)
+        sock.setblocking(False)
+        return sock
+
     async def _ask_tcp(self, upstream: Addr, data: bytes) -> bytes:
-        sock = socket.socket(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET, socket.SOCK_STREAM)
+        sock = self._upstream_socket(upstream[0], socket.SOCK_STREAM)
         try:
-            if self.mark:
-                full_tunnel.mark_socket(sock)
-            sock.setblocking(False)
             await self.loop.sock_connect(sock, upstream)
         except BaseException:
             sock.close()

@@ -50,10 +50,8 @@ def _upstream(value: object, field: str) -> str:
         raise ValidationError(field, "must be an IP address, optionally with :port")
     try:
         host, port = parse_hostport(value)
-    except ValueError as e:
-        if str(e).startswith("port out of range"):
-            raise ValidationError(field, f"{value!r}: {e} (1-65535)") from None
-        raise ValidationError(field, f"{value!r} is not an IP address (with an optional :port)") from None
+    except ValueError:
+        raise ValidationError(field, f"{value!r} is not an IP address with an optional port 1-65535") from None
     ip = ipaddress.ip_address(host)
     if ip.is_unspecified or ip.is_multicast:
         raise ValidationError(field, f"{ip} cannot be a resolver")
